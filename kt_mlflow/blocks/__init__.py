@@ -1,0 +1,160 @@
+"""Block families ("language pairs"): a base network's begin/large/last blocks and the small block.
+
+Families are data: a registry entry names the block kinds and their sizes, and everything else
+(shapes, token layouts, parameter counts) is derived from it.
+
+Example:
+    >>> from kt_mlflow.blocks import create_family
+    >>> fam = create_family("paper_mnist")
+    >>> net = fam.base_network()              # begin + large + last, an ordinary nn.Module
+    >>> small = fam.small_block()
+    >>> sum(p.numel() for p in small.parameters())
+    324
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import KTError
+from ..registry import Registry
+from .resnet import BasicBlock, BeginBlock, BottleneckBlock, KTNetwork, LastBlock, stem_out_size
+
+BLOCKS = Registry("block kind")
+FAMILIES = Registry("block family")
+
+BLOCKS.register("basic")(lambda f, members: BasicBlock(f.width, f.large_hidden, f.kernel, members))
+BLOCKS.register("bottleneck")(lambda f, members: BottleneckBlock(f.width, f.small_hidden, f.kernel, members))
+
+State = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """A base network (begin + large + last) and the small block that replaces its large block."""
+
+    name: str
+    in_channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    width: int = 6
+    large_hidden: int = 6
+    small_hidden: int = 3
+    last_width: int = 12
+    kernel: int = 3
+    large: str = "basic"
+    small: str = "bottleneck"
+
+    def config(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+    # -- modules -------------------------------------------------------------------------------
+    def begin(self, members: int = 1) -> nn.Module:
+        return BeginBlock(self.in_channels, self.width, self.kernel, members)
+
+    def large_block(self, members: int = 1) -> nn.Module:
+        return BLOCKS.create(self.large, f=self, members=members)
+
+    def small_block(self, members: int = 1) -> nn.Module:
+        return BLOCKS.create(self.small, f=self, members=members)
+
+    def last(self, members: int = 1) -> nn.Module:
+        spatial = stem_out_size(self.image_size)
+        return LastBlock(self.width, self.last_width, spatial, self.num_classes, members)
+
+    def base_network(self, members: int = 1) -> KTNetwork:
+        return KTNetwork(self.begin(members), self.large_block(members), self.last(members), members)
+
+    def compressed_network(self, members: int = 1) -> KTNetwork:
+        return KTNetwork(self.begin(members), self.small_block(members), self.last(members), members)
+
+    def init_pair(self, seed: int) -> Tuple[State, State]:
+        """Fresh (base network, small block) initialisations, a function of ``seed`` alone."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            base, small = self.base_network(), self.small_block()
+        return base.state_dict(), small.state_dict()
+
+    # -- the translator's view -----------------------------------------------------------------
+    def weight_shapes(self, which: str) -> Dict[str, Tuple[int, ...]]:
+        """Shapes of the conv weights a translator reads (``which='large'``) or writes (``'small'``)."""
+        block = self.large_block() if which == "large" else self.small_block()
+        state = block.state_dict()
+        return {k: tuple(state[k].shape) for k in type(block).conv_bn}
+
+    def bn_of(self, which: str) -> Mapping[str, object]:
+        block = self.large_block() if which == "large" else self.small_block()
+        return type(block).conv_bn
+
+    def check_block_state(self, state: Mapping[str, torch.Tensor], which: str) -> None:
+        """One-line errors for a state dict that is not this family's ``which`` block."""
+        expected = {k: tuple(v.shape) for k, v in (self.large_block() if which == "large" else self.small_block()).state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise KTError(
+                f"not a {self.name} {which} block: missing {', '.join(missing)}; expected keys {sorted(expected)}."
+            )
+        for k, shape in expected.items():
+            if tuple(state[k].shape) != shape:
+                raise KTError(
+                    f"{which} block parameter {k} has shape {tuple(state[k].shape)}, expected {shape} "
+                    f"for family {self.name}."
+                )
+            if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+                raise KTError(f"{which} block parameter {k} contains NaN or inf; translate a trained, finite network.")
+
+
+def _register(family: BlockFamily) -> None:
+    FAMILIES.register(family.name)(lambda: family)
+
+
+# The paper's pair (arXiv 2401.05772): 6-channel basic residual block -> 3-channel bottleneck.
+_register(BlockFamily("paper_mnist"))
+# A wider pair with the same structure, to keep code honest about shapes.
+_register(BlockFamily("wide_mnist", width=8, large_hidden=8, small_hidden=4, last_width=16))
+
+
+def create_family(name: str) -> BlockFamily:
+    try:
+        return FAMILIES.create(name)
+    except KeyError as e:
+        raise KTError(e.args[0]) from None
+
+
+def family_names() -> List[str]:
+    return FAMILIES.names()
+
+
+def stack_states(states: List[State]) -> State:
+    """Fold K single-network state dicts into one ``members=K`` state dict (member axis in dim 0)."""
+    out = {}
+    for k in states[0]:
+        t = states[0][k]
+        out[k] = t.clone() if t.dim() == 0 else torch.cat([s[k] for s in states], dim=0)
+    return out
+
+
+def unstack_state(state: State, members: int) -> List[State]:
+    """Split a ``members=K`` state dict back into K single-network state dicts."""
+    out: List[State] = [{} for _ in range(members)]
+    for k, t in state.items():
+        parts = [t] * members if t.dim() == 0 else t.chunk(members, dim=0)
+        for m in range(members):
+            out[m][k] = parts[m].clone()
+    return out
+
+
+def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
+    """The entries of ``state`` under ``prefix.``, with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+__all__ = [
+    "BlockFamily", "KTNetwork", "create_family", "family_names", "stack_states", "unstack_state", "prefixed",
+    "BLOCKS", "FAMILIES",
+]

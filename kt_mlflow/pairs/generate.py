@@ -1,0 +1,165 @@
+"""The ``generate`` step: train N (large block, small block) pairs by the KT protocol, K at a time.
+
+Global pair indices ``[0, n_pairs)`` are training pairs and ``[n_pairs, n_pairs + n_val)`` are the
+held-out validation networks (seeds from a disjoint range). ``start_index``/``count`` select a slice
+of that index space, so several workers can fill one folder without overlap.
+
+Example:
+    >>> from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs
+    >>> cfg = GenerateConfig(output="pairs", n_pairs=8, n_val=4)      # doctest: +SKIP
+    >>> summary = generate_pairs(cfg)                                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..blocks import create_family
+from ..data import load_dataset
+from ..device import pick_device
+from ..errors import KTError
+from .store import check_settings, shard_name, sidecars, write_manifest, write_shard
+from .trainer import Protocol, train_pairs
+
+VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs
+
+
+@dataclass
+class GenerateConfig:
+    output: str = "kt-pairs"
+    family: str = "paper_mnist"
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    n_pairs: int = 32
+    n_val: int = 8
+    seed: int = 0
+    start_index: int = 0
+    count: Optional[int] = None
+    members: int = 16
+    protocol: Protocol = field(default_factory=Protocol)
+    device: str = "auto"
+
+    def settings(self) -> Dict[str, object]:
+        """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
+        return {"family": self.family, "dataset": self.dataset, "seed": self.seed, **self.protocol.as_params()}
+
+    def validate(self) -> None:
+        for name in ("n_pairs", "n_val", "start_index"):
+            if getattr(self, name) < 0:
+                raise KTError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
+        if self.n_pairs + self.n_val == 0:
+            raise KTError("nothing to generate: set --n-pairs and/or --n-val above 0.")
+        if self.members < 1:
+            raise KTError(f"--members must be >= 1 (networks trained at once), got {self.members}.")
+        if self.count is not None and self.count < 1:
+            raise KTError(f"--count must be >= 1 when given, got {self.count}.")
+        if self.start_index >= self.n_pairs + self.n_val:
+            raise KTError(f"--start-index {self.start_index} is past the last pair ({self.n_pairs + self.n_val - 1}).")
+        p = self.protocol
+        if p.epochs < 1 or p.small_epochs < 1 or p.batch_size < 1 or p.lr <= 0:
+            raise KTError("--epochs, --small-epochs, --batch-size must be >= 1 and --lr > 0.")
+
+    def as_params(self) -> Dict[str, object]:
+        d = asdict(self)
+        d.update(d.pop("protocol"))
+        return d
+
+
+def pair_seed(seed: int, split: str, index: int) -> int:
+    return seed * 100_000_000 + (VAL_SEED_OFFSET if split == "val" else 0) + index
+
+
+def plan_shards(cfg: GenerateConfig) -> List[Tuple[str, int, int]]:
+    """(split, first index within split, count) for every shard of this worker's slice."""
+    total = cfg.n_pairs + cfg.n_val
+    lo = cfg.start_index
+    hi = total if cfg.count is None else min(total, lo + cfg.count)
+    plan = []
+    for split, s_lo, s_hi in (("train", 0, cfg.n_pairs), ("val", cfg.n_pairs, total)):
+        a, b = max(lo, s_lo), min(hi, s_hi)
+        for first in range(a, b, cfg.members):
+            plan.append((split, first - s_lo, min(cfg.members, b - first)))
+    return plan
+
+
+def _finished(folder: Path, split: str, first: int, n: int) -> bool:
+    """True if exactly this shard exists; a different shard covering these indices is an error."""
+    for meta in sidecars(folder, split):
+        lo, hi = meta["first"], meta["first"] + meta["count"]
+        if (lo, hi) == (first, first + n) and (folder / meta["file"]).is_file():
+            return True
+        if lo < first + n and first < hi:
+            raise KTError(
+                f"{folder / meta['file']} covers some of pairs {first}..{first + n - 1} with other bounds; "
+                f"rerun with the --members/--start-index used before, or another --output."
+            )
+    return False
+
+
+def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
+    """Generate (or resume) this worker's shards into ``cfg.output``; returns a summary dict."""
+    cfg.validate()
+    family = create_family(cfg.family)
+    data = load_dataset(cfg.dataset, cfg.data_root)
+    device = pick_device(cfg.device)
+    folder = Path(cfg.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = cfg.settings()
+    check_settings(folder, settings)
+
+    plan = plan_shards(cfg)
+    todo = [s for s in plan if not _finished(folder, *s)]
+    epochs = cfg.protocol.epochs + cfg.protocol.small_epochs
+    bar = tqdm(total=sum(n for _, _, n in todo) * epochs, unit="net-epoch", desc="generate", dynamic_ncols=True)
+    made, start = 0, time.perf_counter()
+    for split, first, n in todo:
+        seeds = [pair_seed(cfg.seed, split, first + i) for i in range(n)]
+        out = train_pairs(family, seeds, data, cfg.protocol, device, bar=_Scaled(bar, n))
+        tensors = {
+            f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
+            for part in ("begin", "large", "last", "small") for k in out[part][0]
+        }
+        records = [
+            {"index": first + i, "seed": seeds[i], "base_acc": round(float(out["base_acc"][i]), 4),
+             "small_acc": round(float(out["small_acc"][i]), 4)}
+            for i in range(n)
+        ]
+        write_shard(folder, split, first, tensors, records, settings)
+        made += n
+        if on_shard is not None:
+            on_shard(made, time.perf_counter() - start, records)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    manifest = write_manifest(folder)
+    summary = {
+        "pairs_made": made, "pairs_skipped": sum(n for _, _, n in plan) - made, "seconds": elapsed,
+        "pairs_per_min": 60.0 * made / elapsed if made else 0.0, "digest": manifest["digest"],
+        "n_train_total": manifest["splits"]["train"]["count"], "n_val_total": manifest["splits"]["val"]["count"],
+        "device": str(device),
+    }
+    for split in ("train", "val"):
+        pairs = manifest["splits"][split]["pairs"]
+        for key in ("base_acc", "small_acc"):
+            if pairs:
+                summary[f"{split}_{key}_mean"] = sum(p[key] for p in pairs) / len(pairs)
+    print(
+        f"generate: {made} pairs made, {summary['pairs_skipped']} already there, in {elapsed:.1f} s "
+        f"({summary['pairs_per_min']:.1f} pairs/min on {device}); folder {folder} holds "
+        f"{summary['n_train_total']} train + {summary['n_val_total']} val pairs, digest {manifest['digest']}"
+    )
+    return summary
+
+
+class _Scaled:
+    """Counts one trainer epoch as ``n`` network-epochs on the shared progress bar."""
+
+    def __init__(self, bar: tqdm, n: int) -> None:
+        self.bar, self.n = bar, n
+
+    def update(self, k: int = 1) -> None:
+        self.bar.update(k * self.n)

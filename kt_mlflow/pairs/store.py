@@ -1,0 +1,151 @@
+"""Pair shards on disk: safetensors (no pickle) plus a JSON sidecar per shard and a folder manifest.
+
+Layout of a pair folder::
+
+    train-00000000-00000015.safetensors   # tensors "large.conv1.weight" (P, 6, 6, 3, 3), "small.*", ...
+    train-00000000-00000015.json          # settings, sha256, per pair: index, seed, base_acc, small_acc
+    val-00000000-00000007.safetensors
+    manifest.json                         # everything above, rebuilt after each run
+
+A shard counts as finished only when its sidecar exists, and the sidecar is written (atomically)
+after the shard, so a killed run leaves either a whole shard or none. Workers that split one folder
+with ``start_index``/``count`` never write the same file, and the manifest is rebuilt from sidecars.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import KTError
+from ..io import atomic_write, atomic_write_json, sha256_file
+
+SPLITS = ("train", "val")
+PARTS = ("begin", "large", "last", "small")
+
+
+def shard_name(split: str, first: int, last: int) -> str:
+    return f"{split}-{first:08d}-{last:08d}"
+
+
+@dataclass
+class PairSet:
+    """All pairs of one split, stacked: ``tensors["large.conv1.weight"]`` is ``(P, ...)``."""
+
+    settings: Dict[str, object]
+    tensors: Dict[str, torch.Tensor]
+    records: List[Dict[str, object]]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def part(self, name: str) -> Dict[str, torch.Tensor]:
+        """The stacked state dict of one part ('begin', 'large', 'last' or 'small')."""
+        p = name + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def subset(self, index: torch.Tensor) -> "PairSet":
+        return PairSet(self.settings, {k: v[index] for k, v in self.tensors.items()},
+                       [self.records[i] for i in index.tolist()])
+
+
+def write_shard(folder: Path, split: str, first: int, tensors: Mapping[str, torch.Tensor],
+                records: List[Dict[str, object]], settings: Mapping[str, object]) -> Path:
+    """Write one shard and then its sidecar, each atomically."""
+    name = shard_name(split, first, first + len(records) - 1)
+    shard = folder / f"{name}.safetensors"
+    atomic_write(shard, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    atomic_write_json(folder / f"{name}.json", {
+        "split": split, "first": first, "count": len(records), "file": shard.name,
+        "sha256": sha256_file(shard), "settings": dict(settings), "pairs": records,
+    })
+    return shard
+
+
+def sidecars(folder: Path, split: str) -> List[Dict[str, object]]:
+    """Finished shards of ``split`` in index order; overlapping shards are an error."""
+    out = []
+    for path in sorted(Path(folder).glob(f"{split}-*.json")):
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise KTError(f"shard sidecar {path} is corrupt; delete it (and its .safetensors) and rerun generate.") from None
+        out.append(meta)
+    out.sort(key=lambda m: m["first"])
+    for a, b in zip(out, out[1:]):
+        if a["first"] + a["count"] > b["first"]:
+            raise KTError(
+                f"shards {a['file']} and {b['file']} in {folder} overlap; they were written with different "
+                f"--shard-size values: delete one of them."
+            )
+    return out
+
+
+def check_settings(folder: Path, settings: Mapping[str, object]) -> None:
+    """Refuse to mix pairs made under different settings in one folder."""
+    for split in SPLITS:
+        for meta in sidecars(folder, split):
+            if meta["settings"] != dict(settings):
+                diff = sorted(k for k in set(meta["settings"]) | set(settings)
+                              if meta["settings"].get(k) != settings.get(k))
+                raise KTError(
+                    f"{folder} holds pairs made with other settings ({', '.join(diff)} differ, e.g. {meta['file']}); "
+                    f"use another --output folder or the same settings."
+                )
+
+
+def load_split(folder: Path, split: str, device: Optional[torch.device] = None) -> PairSet:
+    """Load and verify every finished shard of ``split``; a bad shard is reported by name."""
+    folder = Path(folder)
+    metas = sidecars(folder, split)
+    if not metas:
+        raise KTError(f"no {split} pair shards in {folder}; run `kt generate --output {folder}` first.")
+    parts: Dict[str, List[torch.Tensor]] = {}
+    records: List[Dict[str, object]] = []
+    for meta in metas:
+        shard = folder / meta["file"]
+        if not shard.is_file():
+            raise KTError(f"pair shard {shard} is missing but listed by its sidecar; rerun generate to rebuild it.")
+        if sha256_file(shard) != meta["sha256"]:
+            raise KTError(f"pair shard {shard} is truncated or corrupt (checksum mismatch); delete it and rerun generate.")
+        try:
+            tensors = load_file(str(shard), device=str(device or "cpu"))
+        except (SafetensorError, OSError) as e:
+            raise KTError(f"pair shard {shard} cannot be read ({e}); delete it and rerun generate.") from None
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(v)
+        records.extend(meta["pairs"])
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    return PairSet(metas[0]["settings"], tensors, records)
+
+
+def digest(folder: Path) -> str:
+    """A short content digest of every finished shard (changes when any pair changes)."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        for meta in sidecars(folder, split):
+            h.update(meta["sha256"].encode())
+    return h.hexdigest()[:16]
+
+
+def write_manifest(folder: Path) -> Dict[str, object]:
+    """Rebuild ``manifest.json`` from the sidecars (safe to call from any worker at any time)."""
+    folder = Path(folder)
+    manifest: Dict[str, object] = {"digest": digest(folder), "splits": {}}
+    for split in SPLITS:
+        metas = sidecars(folder, split)
+        if metas:
+            manifest["settings"] = metas[0]["settings"]
+        manifest["splits"][split] = {
+            "count": sum(m["count"] for m in metas),
+            "shards": [{k: m[k] for k in ("file", "first", "count", "sha256")} for m in metas],
+            "pairs": [dict(p, shard=m["file"]) for m in metas for p in m["pairs"]],
+        }
+    atomic_write_json(folder / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,142 @@
+"""Train K networks at once in one process (the members of a stacked ``KTNetwork``).
+
+Each member has its own initialisation, its own data order and its own BN statistics; the loss is
+the sum of the members' mean cross-entropies, so every member receives exactly the gradient it would
+get alone and SGD (with momentum, element-wise) updates it exactly as it would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..blocks import BlockFamily, stack_states, unstack_state
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one pair is trained (KT_SPEC.md: SGD 0.01, momentum 0.9, batch 128, flips; 10 epochs there)."""
+
+    epochs: int = 3
+    small_epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 128
+    flip: bool = True
+
+    def as_params(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def _mix(seed: int, phase: int) -> int:
+    """A generator seed for (network seed, training phase): distinct streams, reproducible anywhere."""
+    return (seed * 6364136223846793005 + (phase + 1) * 1442695040888963407) % (2**63 - 1)
+
+
+def epoch_plans(seed: int, phase: int, epochs: int, n: int) -> List[tuple]:
+    """Per epoch, the sample order and the horizontal-flip mask of one network: its own data order."""
+    g = torch.Generator().manual_seed(_mix(seed, phase))
+    return [(torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5) for _ in range(epochs)]
+
+
+def members_input(x: torch.Tensor, members: int) -> torch.Tensor:
+    """``(B, K, C, H, W)`` per-member images -> the stacked network's ``(B, K*C, H, W)`` input."""
+    b, k, c, h, w = x.shape
+    return x.reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
+
+
+def train_members(
+    net: nn.Module,
+    params: Iterable[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seeds: Sequence[int],
+    phase: int,
+    epochs: int,
+    protocol: Protocol,
+    bar: Optional[tqdm] = None,
+) -> None:
+    """SGD-train the stacked ``net`` (members = len(seeds)); modes (train/eval) are the caller's choice."""
+    k, n, classes = len(seeds), len(x), None
+    opt = torch.optim.SGD(params, lr=protocol.lr, momentum=protocol.momentum)
+    plans = [epoch_plans(s, phase, epochs, n) for s in seeds]
+    for epoch in range(epochs):
+        perm = torch.stack([p[epoch][0] for p in plans]).to(x.device)  # (K, n)
+        flip = torch.stack([p[epoch][1] for p in plans]).to(x.device)
+        for start in range(0, n, protocol.batch_size):
+            idx = perm[:, start: start + protocol.batch_size]  # (K, b)
+            xb = x[idx]  # (K, b, C, H, W)
+            if protocol.flip:
+                f = flip[:, start: start + protocol.batch_size]
+                xb = torch.where(f[..., None, None, None], xb.flip(-1), xb)
+            out = net(members_input(xb.transpose(0, 1), k))  # (b, K*classes)
+            b = out.shape[0]
+            classes = out.shape[1] // k
+            # mean over b*K, times K: the sum of the members' own mean losses.
+            loss = F.cross_entropy(out.reshape(b * k, classes), y[idx].t().reshape(b * k)) * k
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if bar is not None:
+            bar.update(1)
+
+
+@torch.inference_mode()
+def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: int, chunk: int = 1000) -> torch.Tensor:
+    """Test accuracy (in %) of each member of a stacked network on the same images."""
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros(members, device=x.device)
+    for start in range(0, len(x), chunk):
+        xb = x[start: start + chunk]
+        out = net(members_input(xb[:, None].expand(-1, members, -1, -1, -1), members))
+        pred = out.view(len(xb), members, -1).argmax(-1)  # (b, K)
+        correct += (pred == y[start: start + chunk, None]).sum(0)
+    net.train(was_training)
+    return correct * 100.0 / len(x)
+
+
+def train_pairs(
+    family: BlockFamily,
+    seeds: Sequence[int],
+    data,
+    protocol: Protocol,
+    device: torch.device,
+    bar: Optional[tqdm] = None,
+) -> Dict[str, object]:
+    """Run the generation protocol (KT_SPEC.md steps 1-3) for len(seeds) networks at once.
+
+    Returns the per-member states of begin / large / last / small and both accuracies.
+    """
+    k = len(seeds)
+    inits = [family.init_pair(s) for s in seeds]
+    x, y = data.train_x.to(device), data.train_y.to(device)
+    tx, ty = data.test_x.to(device), data.test_y.to(device)
+
+    base = family.base_network(k)
+    base.load_state_dict(stack_states([b for b, _ in inits]))
+    base = base.to(device, memory_format=torch.channels_last).train()
+    train_members(base, base.parameters(), x, y, seeds, 0, protocol.epochs, protocol, bar)
+    base_acc = accuracy_members(base, tx, ty, k)
+
+    # Step 3: begin and last frozen (parameters and BN statistics); only the small block learns.
+    small = family.small_block(k)
+    small.load_state_dict(stack_states([s for _, s in inits]))
+    comp = type(base)(base.begin, small.to(device, memory_format=torch.channels_last), base.last, k)
+    for frozen in (comp.begin, comp.last):
+        frozen.eval().requires_grad_(False)
+    comp.block.train()
+    train_members(comp, comp.block.parameters(), x, y, seeds, 1, protocol.small_epochs, protocol, bar)
+    small_acc = accuracy_members(comp, tx, ty, k)
+
+    def split(module: nn.Module) -> List[Dict[str, torch.Tensor]]:
+        return unstack_state({n: t.detach().cpu().contiguous() for n, t in module.state_dict().items()}, k)
+
+    return {
+        "begin": split(base.begin), "large": split(base.block), "last": split(base.last),
+        "small": split(comp.block), "base_acc": base_acc.cpu(), "small_acc": small_acc.cpu(),
+    }

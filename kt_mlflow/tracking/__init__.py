@@ -1,0 +1,1 @@
+"""Everything that talks to MLflow: runs, datasets, models, plugins."""

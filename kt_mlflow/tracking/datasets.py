@@ -1,0 +1,122 @@
+"""Pair folders as MLflow datasets, so the UI shows which runs made and used which pairs.
+
+``PairShardSource`` is registered as an ``mlflow.dataset_source`` plugin (see setup.cfg): a logged
+dataset input can be turned back into its pair folder with ``mlflow.data.get_source(...).load()``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import mlflow
+import numpy as np
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.types import Schema, TensorSpec
+
+from ..errors import KTError
+from ..pairs import store
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+PAIRS_ARTIFACT = "pairs"
+
+
+def resolve_pairs(spec: str) -> Path:
+    """A pair folder from a path, ``runs:/<run_id>[/path]``, or a bare generate run id."""
+    if RUN_ID.match(spec):
+        spec = f"runs:/{spec}/{PAIRS_ARTIFACT}"
+    if spec.startswith("runs:/"):
+        parts = spec[len("runs:/"):].split("/", 1)
+        uri = spec if len(parts) == 2 and parts[1] else f"runs:/{parts[0]}/{PAIRS_ARTIFACT}"
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except Exception as e:  # MlflowException, OSError: the message is MLflow's
+            raise KTError(f"cannot fetch pairs from {uri} ({str(e).splitlines()[0]}); pass a generate run id or a folder.") from None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise KTError(f"pairs {spec!r} is neither a folder nor a generate run id (runs:/<id>); run `kt generate` first.")
+    return path
+
+
+class PairShardSource(DatasetSource):
+    """Where a pair folder lives: a local path or a ``runs:/`` artifact URI."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "kt_pairs"
+
+    def load(self) -> Path:
+        """Download (if needed) and return the local pair folder."""
+        return resolve_pairs(self.uri)
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return isinstance(raw_source, str) and raw_source.startswith("kt-pairs:")
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> "PairShardSource":
+        return cls(raw_source[len("kt-pairs:"):])
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: Dict[Any, Any]) -> "PairShardSource":
+        return cls(source_dict["uri"])
+
+
+class PairDataset(Dataset):
+    """A folder of pair shards; its digest is the shards' content hash."""
+
+    def __init__(self, folder: Path, source: Optional[PairShardSource] = None, name: Optional[str] = None) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file():
+            store.write_manifest(self.folder)
+        self.manifest = json.loads(manifest_path.read_text())
+        settings = self.manifest.get("settings", {})
+        super().__init__(
+            source=source or PairShardSource(str(self.folder.resolve())),
+            name=name or f"kt-pairs-{settings.get('family', 'unknown')}-{settings.get('dataset', '')}",
+            digest=self.manifest["digest"],
+        )
+
+    def _compute_digest(self) -> str:
+        return store.digest(self.folder)
+
+    def to_dict(self) -> Dict[str, str]:
+        base = super().to_dict()
+        base.update({"schema": json.dumps(self.schema.to_dict()) if self.schema else "",
+                     "profile": json.dumps(self.profile)})
+        return base
+
+    @property
+    def profile(self) -> Dict[str, Any]:
+        prof: Dict[str, Any] = {}
+        for split, info in self.manifest["splits"].items():
+            prof[f"{split}_pairs"] = info["count"]
+            for key in ("base_acc", "small_acc"):
+                vals = [p[key] for p in info["pairs"]]
+                if vals:
+                    prof[f"{split}_{key}_mean"] = round(sum(vals) / len(vals), 3)
+        return prof
+
+    @property
+    def schema(self) -> Optional[Schema]:
+        metas = store.sidecars(self.folder, "train") or store.sidecars(self.folder, "val")
+        if not metas:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / metas[0]["file"]), framework="np") as f:
+            specs = []
+            for key in sorted(f.keys()):
+                t = f.get_slice(key)
+                specs.append(TensorSpec(np.dtype(t.get_dtype().lower().replace("f32", "float32").replace("i64", "int64")),
+                                        (-1, *t.get_shape()[1:]), key))
+        return Schema(specs)

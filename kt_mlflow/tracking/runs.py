@@ -1,0 +1,46 @@
+"""Starting step runs, logging params, and finding a finished run to reuse."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+STEP_TAG = "kt.step"
+
+
+def flat_params(params: Mapping[str, Any]) -> Dict[str, str]:
+    """MLflow params are strings; None becomes '' so a rerun with the same inputs matches exactly."""
+    return {k: "" if v is None else str(v) for k, v in params.items()}
+
+
+@contextmanager
+def step_run(step: str, params: Mapping[str, Any], run_name: Optional[str] = None,
+             nested: bool = False, experiment: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one step (or the run `mlflow run` already created), tagged and with params."""
+    if experiment and not os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        mlflow.set_tag(STEP_TAG, step)
+        mlflow.log_params(flat_params(params))
+        yield run
+
+
+def find_finished_run(step: str, params: Mapping[str, Any], experiment_id: str) -> Optional[mlflow.entities.Run]:
+    """The newest FINISHED run of ``step`` in the experiment whose params equal ``params``.
+
+    This is MLflow's multistep-workflow pattern: a step rerun with the same inputs is reused.
+    """
+    wanted = flat_params(params)
+    client = MlflowClient()
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{STEP_TAG}` = '{step}'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    for run in runs:
+        if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            continue
+        if all(run.data.params.get(k) == v for k, v in wanted.items()):
+            return run
+    return None
