@@ -77,7 +77,66 @@ def _generate(a: argparse.Namespace) -> None:
     print(f"generate run: {run_id}")
 
 
-PARSERS: List[Callable] = [_generate_parser]
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a translator and register it in MLflow")
+    add_common(p)
+    p.add_argument("--pairs", default="kt-pairs", help="pair folder or generate run id (runs:/ID)")
+    p.add_argument("--arch", default="mixer", help="translator architecture: mixer or mlp")
+    p.add_argument("--recipe", default="paper", help="paper, bn_aware, canonical, perm_augment, functional, best")
+    p.add_argument("--depth", type=_int, default=4, help="layers (paper: 24)")
+    p.add_argument("--width", type=_int, default=64, help="embedding width C (paper: 128)")
+    p.add_argument("--token-hidden", type=_int, default=128, help="token-mixing hidden width (paper: 256)")
+    p.add_argument("--channel-hidden", type=_int, default=256, help="channel-mixing hidden width (paper: 512)")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--epochs", type=_int, default=200, help="paper: 300 to 1000")
+    p.add_argument("--batch-size", type=_int, default=64, help="paper: 4096 (with 300,000 pairs)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--mask-ratio", type=float, default=0.0, help="random masking probability p")
+    p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise sigma")
+    p.add_argument("--augment-on", default="source", help="source, target or both")
+    p.add_argument("--val-every", type=_int, default=10, help="epochs between functional validations")
+    p.add_argument("--registered-name", type=_none_or(str), default=None,
+                   help="registered model name (default kt-<family>-<arch>)")
+    p.set_defaults(func=_train)
+
+
+def train_config(a: argparse.Namespace):
+    from .training.train import TrainConfig
+
+    return TrainConfig(
+        arch=a.arch, depth=a.depth, width=a.width, token_hidden=a.token_hidden, channel_hidden=a.channel_hidden,
+        dropout=a.dropout, recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        weight_decay=a.weight_decay, mask_ratio=a.mask_ratio, noise_std=a.noise_std, augment_on=a.augment_on,
+        val_every=a.val_every, seed=a.seed, device=a.device,
+    )
+
+
+def _train(a: argparse.Namespace) -> None:
+    from .training.step import run_train
+
+    run_id, version = run_train(train_config(a), a.pairs, a.dataset, a.data_root, a.registered_name, a.experiment_name)
+    print(f"train run: {run_id}")
+
+
+def _compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="compress a saved base network with a registered translator")
+    p.add_argument("--model", required=True, help="registered name, models:/NAME@alias, or runs:/ID/translator")
+    p.add_argument("--input", required=True, help="state dict of a trained base network (torch.save or .safetensors)")
+    p.add_argument("--output", required=True, help="where to write the compressed network's state dict")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_compress)
+
+
+def _compress(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .compress import compress_file
+
+    compress_file(a.model, Path(a.input), Path(a.output), a.device)
+
+
+PARSERS: List[Callable] = [_generate_parser, _train_parser, _compress_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,6 +148,11 @@ def unstack_state(state: State, members: int) -> List[State]:
     return out
 
 
+def fold_members(stacked: Mapping[str, torch.Tensor], index=slice(None)) -> State:
+    """Per-network tensors ``(P, *shape)`` (rows ``index``) -> a ``members=len`` module's folded layout."""
+    return {k: v[index].reshape(-1, *v.shape[2:]) if v.dim() > 1 else v[0] for k, v in stacked.items()}
+
+
 def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
     """The entries of ``state`` under ``prefix.``, with the prefix removed."""
     p = prefix + "."
@@ -156,5 +161,28 @@ def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
 
 __all__ = [
     "BlockFamily", "KTNetwork", "create_family", "family_names", "stack_states", "unstack_state", "prefixed",
+    "fold_members",
     "BLOCKS", "FAMILIES",
 ]
+
+
+def flatten_block(family: BlockFamily, which: str, stacked: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Stacked block state ``(P, ...)`` -> ``(P, N)``: its floating tensors in state-dict order."""
+    block = family.large_block() if which == "large" else family.small_block()
+    keys = [k for k, v in block.state_dict().items() if v.is_floating_point()]
+    return torch.cat([stacked[k].reshape(stacked[k].shape[0], -1).float() for k in keys], dim=1)
+
+
+def unflatten_block(family: BlockFamily, which: str, flat: torch.Tensor) -> State:
+    """``(P, N)`` -> stacked block state (floating tensors only); the inverse of ``flatten_block``."""
+    block = family.large_block() if which == "large" else family.small_block()
+    shapes = [(k, v.shape) for k, v in block.state_dict().items() if v.is_floating_point()]
+    n = sum(s.numel() for _, s in shapes)
+    if flat.dim() != 2 or flat.shape[1] != n:
+        raise KTError(f"expected flattened {family.name} {which}-block parameters of shape (batch, {n}), "
+                      f"got {tuple(flat.shape)}.")
+    out, start = {}, 0
+    for k, s in shapes:
+        out[k] = flat[:, start: start + s.numel()].reshape(flat.shape[0], *s)
+        start += s.numel()
+    return out

@@ -5,15 +5,10 @@ from typing import Dict, Optional
 
 import torch
 
-from ..blocks import BlockFamily
+from ..blocks import BlockFamily, fold_members
 from ..pairs.trainer import accuracy_members
 
 State = Dict[str, torch.Tensor]
-
-
-def _fold(stacked: State) -> State:
-    """``(P, *shape)`` per-network tensors -> the member-folded layout of a ``members=P`` module."""
-    return {k: v.reshape(-1, *v.shape[2:]) if v.dim() > 1 else v[0] for k, v in stacked.items()}
 
 
 @torch.no_grad()
@@ -35,10 +30,9 @@ def network_accuracy(family: BlockFamily, begin: State, block: State, last: Stat
         sl = slice(lo, min(n, lo + chunk))
         k = sl.stop - sl.start
         net = family.base_network(k) if which == "large" else family.compressed_network(k)
-        pick = lambda s: _fold({name: t[sl] for name, t in s.items()})  # noqa: E731
-        net.begin.load_state_dict(pick(begin))
-        net.block.load_state_dict(pick(block))
-        net.last.load_state_dict(pick(last))
+        net.begin.load_state_dict(fold_members(begin, sl))
+        net.block.load_state_dict(fold_members(block, sl))
+        net.last.load_state_dict(fold_members(last, sl))
         net = net.to(device, memory_format=torch.channels_last)
         out.append(accuracy_members(net, tx, ty, k))
     return torch.cat(out).cpu()

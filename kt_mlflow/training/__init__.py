@@ -1,0 +1,1 @@
+"""Training translators: augmentation, recipes, the training loop and its MLflow step."""

@@ -1,0 +1,219 @@
+"""The translator training loop: all pairs in memory as tensors on the device, Adam + cosine.
+
+Every ``val_every`` epochs a functional validation translates each held-out network's large block,
+assembles begin + small + last and measures test accuracy; the best translator by mean is kept.
+
+Example:
+    >>> result = train_translator(TrainConfig(epochs=50), family, train_pairs, val_pairs, data)  # doctest: +SKIP
+    >>> result.best["val_acc_mean"]                                                               # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..blocks import BlockFamily, fold_members
+from ..device import pick_device
+from ..errors import KTError
+from ..evaluation.functional import network_accuracy
+from ..pairs.store import PairSet
+from ..translators import Translator, create_translator, tokens
+from .augment import augment_pair, check_augmentation
+from .recipes import get_recipe
+
+
+class NonFiniteLoss(KTError):
+    """The loss became NaN or inf (a sweep prunes such a trial)."""
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "mixer"
+    depth: int = 4
+    width: int = 64
+    token_hidden: int = 128
+    channel_hidden: int = 256
+    dropout: float = 0.1
+    recipe: str = "paper"
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    mask_ratio: float = 0.0
+    noise_std: float = 0.0
+    augment_on: str = "source"
+    val_every: int = 10
+    functional_pairs: int = 16     # pairs per step that get the functional loss
+    functional_images: int = 64    # training images per step for the functional loss
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        check_augmentation(self.mask_ratio, self.noise_std, self.augment_on)
+        get_recipe(self.recipe)
+        for name in ("depth", "width", "token_hidden", "channel_hidden", "epochs", "batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise KTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise KTError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise KTError("--lr must be > 0 and --weight-decay >= 0.")
+
+    def arch_kwargs(self) -> Dict[str, object]:
+        kw = {"depth": self.depth, "width": self.width, "dropout": self.dropout}
+        if self.arch == "mixer":
+            kw.update(token_hidden=self.token_hidden, channel_hidden=self.channel_hidden)
+        return kw
+
+    def as_params(self) -> Dict[str, object]:
+        return {**asdict(self), **get_recipe(self.recipe).as_params()}
+
+
+@dataclass
+class TrainResult:
+    translator: Translator
+    best: Dict[str, float]
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _canonical(family: BlockFamily, small: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    canon = getattr(type(family.small_block()), "canonicalize", None)
+    if canon is None:
+        raise KTError(f"recipe needs canonical targets, but block {family.small!r} defines no canonicalize().")
+    return canon(small)
+
+
+def _permuted(family: BlockFamily, large: Dict[str, torch.Tensor], gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    block = type(family.large_block())
+    if not hasattr(block, "permute_hidden"):
+        raise KTError(f"recipe needs hidden-channel permutations, but block {family.large!r} defines none.")
+    p = next(iter(large.values())).shape[0]
+    perm = torch.rand(p, family.large_hidden, generator=gen, device="cpu").argsort(-1).to(large["conv1.weight"].device)
+    return block.permute_hidden(large, perm)
+
+
+def param_loss(family: BlockFamily, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the small block's weight tensors of each tensor's MSE (the paper's loss)."""
+    p, t = tokens.decode_target(family, pred), tokens.decode_target(family, target)
+    return torch.stack([F.mse_loss(p[k], t[k]) for k in p]).mean()
+
+
+class FunctionalLoss:
+    """KL(base network || network with the translated block) on training images, per pair.
+
+    Each pair's own begin and last blocks (frozen, eval-mode BN) sandwich the translated small block;
+    the teacher is the pair's own base network. Only translator training sees images.
+    """
+
+    def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device) -> None:
+        self.family, self.device = family, device
+        self.parts = {name: {k: v.to(device) for k, v in train.part(name).items()} for name in ("begin", "large", "last")}
+        self.images = data.train_x.to(device)
+        self._nets: Dict[tuple, torch.nn.Module] = {}
+
+    def _net(self, kind: str, k: int) -> torch.nn.Module:
+        if (kind, k) not in self._nets:
+            net = self.family.base_network(k) if kind == "large" else self.family.compressed_network(k)
+            self._nets[(kind, k)] = net.to(self.device).eval()
+        return self._nets[(kind, k)]
+
+    def __call__(self, small: Dict[str, torch.Tensor], idx: torch.Tensor, n_images: int,
+                 gen: torch.Generator) -> torch.Tensor:
+        k = len(idx)
+        pick = torch.randint(len(self.images), (n_images,), generator=gen).to(self.device)
+        x = self.images[pick].expand(-1, k, -1, -1).contiguous()  # same images for every member
+        state = {f"{part}.{n}": t for part in ("begin", "last")
+                 for n, t in fold_members({a: b[idx] for a, b in self.parts[part].items()}).items()}
+        with torch.no_grad():
+            teacher_state = {**state, **{f"block.{n}": t for n, t in
+                                         fold_members({a: b[idx] for a, b in self.parts["large"].items()}).items()}}
+            teacher = functional_call(self._net("large", k), teacher_state, (x,)).view(n_images * k, -1)
+        student_state = {**state, **{f"block.{n}": t for n, t in fold_members(small).items()}}
+        student = functional_call(self._net("small", k), student_state, (x,)).view(n_images * k, -1)
+        return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+
+
+def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet, data,
+                     on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                     progress: bool = True) -> TrainResult:
+    """Train a translator on ``train`` pairs; validate functionally on ``val`` networks."""
+    cfg.validate()
+    recipe = get_recipe(cfg.recipe)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    large = {k: v.to(device) for k, v in train.part("large").items()}
+    small = {k: v.to(device) for k, v in train.part("small").items()}
+    if recipe.canonical:
+        small = _canonical(family, small)
+    target = tokens.encode_target(family, small)                      # (P, T_out, D_out)
+    source = tokens.encode_source(family, large, recipe.bn_aware)     # (P, T_in, D_in), reused without perms
+
+    translator = create_translator(cfg.arch, family, bn_aware=recipe.bn_aware, **cfg.arch_kwargs())
+    net = translator.net.to(device)
+    if recipe.standardize:
+        net.in_mean.copy_(source.mean((0, 1)))
+        net.in_std.copy_(source.std((0, 1)).clamp_min(1e-6))
+        net.out_mean.copy_(target.mean((0, 1)))
+        net.out_std.copy_(target.std((0, 1)).clamp_min(1e-6))
+    functional = FunctionalLoss(family, train, data, device) if recipe.functional > 0 else None
+
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    val_large = {k: v for k, v in val.part("large").items()}
+    best: Dict[str, float] = {"val_acc_mean": -math.inf}
+    best_state = None
+    history: List[Dict[str, float]] = []
+    n = len(train)
+    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", dynamic_ncols=True, disable=not progress)
+    for epoch in bar:
+        net.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        total, fn_total, steps = 0.0, 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start: start + cfg.batch_size]
+            src = tokens.encode_source(family, _permuted(family, {k: v[idx] for k, v in large.items()}, gen),
+                                       recipe.bn_aware) if recipe.perm_augment else source[idx]
+            src, dst = augment_pair(src, target[idx], cfg.mask_ratio, cfg.noise_std, cfg.augment_on)
+            pred = net(src)
+            loss = param_loss(family, pred, dst)
+            if functional is not None:
+                sub = idx[: cfg.functional_pairs]
+                fn = functional(tokens.decode_target(family, pred[: len(sub)]), sub, cfg.functional_images, gen)
+                loss = loss + recipe.functional * fn
+                fn_total += float(fn.detach())
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"translator loss became {float(loss)} at epoch {epoch}; lower --lr or "
+                                    f"the augmentation strength.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        sched.step()
+        metrics = {"train_loss": total / steps, "lr": opt.param_groups[0]["lr"]}
+        if functional is not None:
+            metrics["functional_loss"] = fn_total / steps
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            acc = network_accuracy(family, val.part("begin"), translator.translate_batch(val_large),
+                                   val.part("last"), data, device=device)
+            metrics.update(val_acc_mean=float(acc.mean()), val_acc_min=float(acc.min()), val_acc_max=float(acc.max()))
+            if metrics["val_acc_mean"] > best["val_acc_mean"]:
+                best = {k: metrics[k] for k in ("val_acc_mean", "val_acc_min", "val_acc_max")}
+                best["best_epoch"] = float(epoch)
+                best_state = copy.deepcopy(net.state_dict())
+        history.append(metrics)
+        bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in ("train_loss", "val_acc_mean")})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    net.load_state_dict(best_state)
+    net.eval()
+    return TrainResult(translator, best, history)

@@ -1,0 +1,120 @@
+"""``Translator``: turns a trained large block into a small block (and a network into a compressed one)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..blocks import BlockFamily, KTNetwork, create_family, prefixed
+from ..errors import KTError
+from ..io import atomic_write, atomic_write_json
+from . import tokens
+
+State = Dict[str, torch.Tensor]
+
+
+class TranslatorNet(nn.Module):
+    """An architecture from the registry wrapped in per-feature input/output standardisation."""
+
+    def __init__(self, core: nn.Module, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.core = core
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
+        self.register_buffer("out_mean", torch.zeros(out_dim))
+        self.register_buffer("out_std", torch.ones(out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core((x - self.in_mean) / self.in_std) * self.out_std + self.out_mean
+
+
+class Translator:
+    """A translator network bound to a block family and a token encoding."""
+
+    def __init__(self, family: BlockFamily, arch: str, arch_kwargs: Mapping[str, Any], bn_aware: bool = False,
+                 net: Optional[TranslatorNet] = None) -> None:
+        from . import ARCHITECTURES
+
+        self.family, self.arch, self.arch_kwargs, self.bn_aware = family, arch, dict(arch_kwargs), bn_aware
+        src, dst = tokens.layout(family, "large", bn_aware), tokens.layout(family, "small")
+        small_keys = set(family.small_block().state_dict())
+        if small_keys != set(dst.keys):
+            raise KTError(f"family {family.name}: the small block has parameters {sorted(small_keys - set(dst.keys))} "
+                          f"that are not conv weights; a translator can only write conv weights.")
+        self.net = net or TranslatorNet(
+            ARCHITECTURES.create(arch, in_tokens=src.tokens, in_dim=src.dim, out_tokens=dst.tokens,
+                                 out_dim=dst.dim, **self.arch_kwargs), src.dim, dst.dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def config(self) -> Dict[str, Any]:
+        return {"family": self.family.name, "family_config": self.family.config(), "arch": self.arch,
+                "arch_kwargs": self.arch_kwargs, "bn_aware": self.bn_aware}
+
+    def config_tags(self) -> Dict[str, str]:
+        """The config as flat strings (registry tags, searchable in the UI)."""
+        return {"kt.family": self.family.name, "kt.arch": self.arch, "kt.bn_aware": str(self.bn_aware),
+                **{f"kt.arch.{k}": str(v) for k, v in self.arch_kwargs.items()}}
+
+    # -- translation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def translate_batch(self, large: Mapping[str, torch.Tensor]) -> State:
+        """Stacked large blocks ``(P, ...)`` -> stacked small blocks ``(P, ...)`` (data-free)."""
+        self.net.eval()
+        x = tokens.encode_source(self.family, {k: v.to(self.device, torch.float32) for k, v in large.items()},
+                                 self.bn_aware)
+        return {k: v.cpu() for k, v in tokens.decode_target(self.family, self.net(x)).items()}
+
+    def translate(self, large_block_state: Mapping[str, torch.Tensor]) -> State:
+        """One large block's state dict -> one small block's state dict."""
+        self.family.check_block_state(large_block_state, "large")
+        out = self.translate_batch({k: v[None] for k, v in large_block_state.items()})
+        return {k: v[0].contiguous() for k, v in out.items()}
+
+    def compress(self, network: nn.Module) -> KTNetwork:
+        """A trained base network (begin + large + last) -> the same network with the small block."""
+        state = network.state_dict()
+        expected = set(self.family.base_network().state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise KTError(f"not a {self.family.name} base network: missing {missing[:4]}, unexpected {extra[:4]}; "
+                          f"build it with kt_mlflow.create_family({self.family.name!r}).base_network().")
+        compressed = self.family.compressed_network()
+        compressed.begin.load_state_dict(prefixed(state, "begin"))
+        compressed.last.load_state_dict(prefixed(state, "last"))
+        compressed.block.load_state_dict(self.translate(prefixed(state, "block")))
+        return compressed.eval()
+
+    # -- persistence (safetensors + JSON: nothing is unpickled) ----------------------------------
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        atomic_write(folder / "translator.safetensors",
+                     lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp)))
+        atomic_write_json(folder / "translator.json", self.config())
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> "Translator":
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "translator.json").read_text())
+            weights = load_file(str(folder / "translator.safetensors"), device=device)
+        except (OSError, ValueError) as e:
+            raise KTError(f"{folder} does not hold a saved translator ({e}); save one with Translator.save.") from None
+        tr = cls(create_family(config["family"]), config["arch"], config["arch_kwargs"], config["bn_aware"])
+        tr.net.load_state_dict(weights)
+        tr.net.to(device).eval()
+        return tr
+
+
+def create_translator(arch: str, family: BlockFamily, bn_aware: bool = False, **arch_kwargs: Any) -> Translator:
+    """A fresh (untrained) translator of architecture ``arch`` for ``family``."""
+    from . import ARCHITECTURES
+
+    ARCHITECTURES.get(arch)  # unknown names fail here with the list of known ones
+    return Translator(family, arch, arch_kwargs, bn_aware)
