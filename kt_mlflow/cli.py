@@ -136,7 +136,51 @@ def _compress(a: argparse.Namespace) -> None:
     compress_file(a.model, Path(a.input), Path(a.output), a.device)
 
 
-PARSERS: List[Callable] = [_generate_parser, _train_parser, _compress_parser]
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a registered translator against the baselines")
+    add_common(p)
+    p.add_argument("--model", default="kt-paper_mnist-mixer", help="registered name or models:/NAME@alias")
+    p.add_argument("--pairs", default="kt-pairs", help="pair folder or generate run id (its val split is used)")
+    p.add_argument("--baselines", default="random,identity,uniform,l1", help="comma-separated baseline names")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from .evaluation.step import run_evaluate
+
+    run_id, _ = run_evaluate(a.model, a.pairs, a.dataset, a.data_root, a.seed,
+                             [b for b in a.baselines.split(",") if b], a.device, a.experiment_name)
+    print(f"evaluate run: {run_id}")
+
+
+def _main_parser(sub) -> None:
+    p = sub.add_parser("main", help="the whole pipeline: generate -> train -> evaluate (child runs, reused)")
+    add_common(p)
+    p.add_argument("--family", default="paper_mnist")
+    p.add_argument("--n-pairs", type=_int, default=64)
+    p.add_argument("--n-val", type=_int, default=16)
+    p.add_argument("--gen-epochs", type=_int, default=6, help="epochs for each network and small block")
+    p.add_argument("--members", type=_int, default=16)
+    p.add_argument("--recipe", default="best")
+    p.add_argument("--epochs", type=_int, default=60, help="translator epochs")
+    p.add_argument("--registered-name", type=_none_or(str), default=None)
+    p.set_defaults(func=_main)
+
+
+def _main(a: argparse.Namespace) -> None:
+    from .pairs.generate import GenerateConfig
+    from .pairs.trainer import Protocol
+    from .pipeline import run_main
+    from .training.train import TrainConfig
+
+    gen = GenerateConfig(output="kt-pairs", family=a.family, dataset=a.dataset, data_root=a.data_root,
+                         n_pairs=a.n_pairs, n_val=a.n_val, seed=a.seed, members=a.members, device=a.device,
+                         protocol=Protocol(epochs=a.gen_epochs, small_epochs=a.gen_epochs))
+    train = TrainConfig(recipe=a.recipe, epochs=a.epochs, seed=a.seed, device=a.device, val_every=10)
+    run_main(gen, train, a.registered_name, a.experiment_name)
+
+
+PARSERS: List[Callable] = [_generate_parser, _train_parser, _evaluate_parser, _compress_parser, _main_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

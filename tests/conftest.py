@@ -1,0 +1,102 @@
+"""Shared fixtures: real MNIST files, a real MLflow tracking server on 127.0.0.1, tiny pair sets."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_ROOT = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> str:
+    if not (MNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real MNIST test set expected at {MNIST_ROOT} (shared/data/mnist beside the checkout)")
+    return str(MNIST_ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, temporary artifact root) on 127.0.0.1; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def use_server(tracking_server, monkeypatch):
+    """Point this process and its children at the tracking server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    mlflow.set_tracking_uri(tracking_server)
+    yield tracking_server
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def local_tracking(tmp_path, monkeypatch):
+    """A throw-away SQLite tracking store for tests that need MLflow but not a server."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def kt(*args: str, cwd: Path, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the `kt` CLI in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "kt_mlflow.cli", *args], cwd=cwd, env=env or os.environ.copy(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    """8 training pairs + 6 validation networks on the bundled digits (no MLflow), made once."""
+    from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs
+    from kt_mlflow.pairs.trainer import Protocol
+
+    out = tmp_path_factory.mktemp("pairs") / "digits"
+    generate_pairs(GenerateConfig(output=str(out), n_pairs=8, n_val=6, members=7,
+                                  protocol=Protocol(epochs=4, small_epochs=4)))
+    return out

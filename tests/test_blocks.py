@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from kt_mlflow.blocks import (create_family, family_names, flatten_block, fold_members, stack_states,
+                              unflatten_block, unstack_state)
+from kt_mlflow.blocks.resnet import BasicBlock, BottleneckBlock
+from kt_mlflow.errors import KTError
+
+
+def test_paper_family_matches_the_spec():
+    fam = create_family("paper_mnist")
+    large, small = fam.large_block().state_dict(), fam.small_block().state_dict()
+    assert large["conv1.weight"].numel() == large["conv2.weight"].numel() == 324
+    assert sum(1 for k in large if k.startswith("bn") and not k.endswith("num_batches_tracked")) == 8
+    assert tuple(small["conv1.weight"].shape) == (3, 6, 3, 3)
+    assert tuple(small["conv2.weight"].shape) == (6, 3, 3, 3)
+    assert fam.base_network()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert fam.last().fc.cin == 12 * 7 * 7
+
+
+def test_families_derive_shapes_from_config():
+    assert "wide_mnist" in family_names()
+    wide = create_family("wide_mnist")
+    assert tuple(wide.small_block().state_dict()["conv1.weight"].shape) == (4, 8, 3, 3)
+    assert wide.compressed_network()(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    with pytest.raises(KTError, match="choose one of"):
+        create_family("nope")
+
+
+def test_init_pair_is_a_function_of_the_seed():
+    fam = create_family("paper_mnist")
+    a, b, c = fam.init_pair(1), fam.init_pair(1), fam.init_pair(2)
+    assert torch.equal(a[0]["block.conv1.weight"], b[0]["block.conv1.weight"])
+    assert not torch.equal(a[0]["block.conv1.weight"], c[0]["block.conv1.weight"])
+
+
+def test_stacked_network_computes_each_member():
+    fam = create_family("paper_mnist")
+    states = [fam.init_pair(s)[0] for s in range(3)]
+    net = fam.base_network(3)
+    net.load_state_dict(stack_states(states))
+    net.eval()
+    x = torch.randn(4, 3, 28, 28)
+    out = net(x).view(4, 3, 10)
+    for m in range(3):
+        solo = fam.base_network()
+        solo.load_state_dict(unstack_state(net.state_dict(), 3)[m])
+        solo.eval()
+        torch.testing.assert_close(solo(x[:, m: m + 1]), out[:, m], atol=1e-5, rtol=1e-5)
+
+
+def test_fold_members_matches_stack_states():
+    fam = create_family("paper_mnist")
+    states = [fam.small_block().state_dict() for _ in range(3)]
+    per_net = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    for k, v in fold_members(per_net).items():
+        assert torch.equal(v, stack_states(states)[k])
+
+
+def test_large_block_hidden_permutation_preserves_function():
+    fam = create_family("paper_mnist")
+    block = fam.large_block().eval()
+    for bn in (block.bn1, block.bn2):  # non-trivial BN statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+    state = {k: v[None] for k, v in block.state_dict().items()}
+    perm = torch.tensor([[3, 1, 5, 0, 2, 4]])
+    permuted = BasicBlock.permute_hidden(state, perm)
+    other = fam.large_block().eval()
+    other.load_state_dict({k: v[0] for k, v in permuted.items()})
+    x = torch.relu(torch.randn(2, 6, 14, 14))
+    assert not torch.equal(permuted["conv1.weight"], state["conv1.weight"])
+    torch.testing.assert_close(other(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_small_block_canonical_form_preserves_function_and_is_unique():
+    fam = create_family("paper_mnist")
+    block = fam.small_block()
+    state = {k: v[None] for k, v in block.state_dict().items()}
+    canon = BottleneckBlock.canonicalize(state)
+    # a rescaled + permuted copy has the same canonical form
+    a = torch.tensor([2.0, 0.5, 3.0])
+    order = torch.tensor([2, 0, 1])
+    w1 = (state["conv1.weight"][0] * a[:, None, None, None])[order]
+    w2 = (state["conv2.weight"][0] / a[None, :, None, None])[:, order]
+    canon2 = BottleneckBlock.canonicalize({"conv1.weight": w1[None], "conv2.weight": w2[None]})
+    for k in canon:
+        torch.testing.assert_close(canon[k], canon2[k], atol=1e-5, rtol=1e-5)
+    other = fam.small_block()
+    other.load_state_dict({k: v[0] for k, v in canon.items()})
+    x = torch.relu(torch.randn(2, 6, 14, 14))
+    torch.testing.assert_close(other(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_flatten_roundtrip_and_shape_errors():
+    fam = create_family("paper_mnist")
+    large = {k: v[None] for k, v in fam.large_block().state_dict().items()}
+    flat = flatten_block(fam, "large", large)
+    assert flat.shape == (1, 2 * 324 + 8 * 6)
+    back = unflatten_block(fam, "large", flat)
+    assert all(torch.equal(back[k], large[k].float()) for k in back)
+    with pytest.raises(KTError, match=r"shape \(batch, 696\)"):
+        unflatten_block(fam, "large", torch.zeros(1, 5))
+
+
+def test_check_block_state_errors_name_the_problem():
+    fam = create_family("paper_mnist")
+    state = fam.large_block().state_dict()
+    with pytest.raises(KTError, match="missing conv2.weight"):
+        fam.check_block_state({k: v for k, v in state.items() if k != "conv2.weight"}, "large")
+    bad = dict(state, **{"conv1.weight": torch.full((6, 6, 3, 3), float("nan"))})
+    with pytest.raises(KTError, match="NaN or inf"):
+        fam.check_block_state(bad, "large")
+    with pytest.raises(KTError, match=r"expected \(6, 6, 3, 3\)"):
+        fam.check_block_state(dict(state, **{"conv1.weight": torch.zeros(3, 6, 3, 3)}), "large")

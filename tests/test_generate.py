@@ -1,0 +1,119 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, kt
+from kt_mlflow.errors import KTError
+from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs, plan_shards
+from kt_mlflow.pairs.store import load_split, sidecars, write_manifest
+from kt_mlflow.pairs.trainer import Protocol
+
+QUICK = Protocol(epochs=1, small_epochs=1)
+
+
+def test_shards_manifest_and_records(tiny_pairs):
+    train, val = load_split(tiny_pairs, "train"), load_split(tiny_pairs, "val")
+    assert len(train) == 8 and len(val) == 6
+    assert train.tensors["large.conv1.weight"].shape == (8, 6, 6, 3, 3)
+    assert train.tensors["small.conv2.weight"].shape == (8, 6, 3, 3, 3)
+    assert [r["index"] for r in train.records] == list(range(8))
+    assert not {r["seed"] for r in train.records} & {r["seed"] for r in val.records}
+    manifest = json.loads((tiny_pairs / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 8 and manifest["splits"]["val"]["count"] == 6
+    # trained networks beat chance on digits, and the trained small block is far from random
+    assert min(r["base_acc"] for r in train.records) > 30
+
+
+def test_plan_splits_workers_without_overlap():
+    a = plan_shards(GenerateConfig(n_pairs=10, n_val=4, members=3, start_index=0, count=7))
+    b = plan_shards(GenerateConfig(n_pairs=10, n_val=4, members=3, start_index=7, count=7))
+    covered = [(s, f + i) for s, f, n in a + b for i in range(n)]
+    assert sorted(covered) == sorted([("train", i) for i in range(10)] + [("val", i) for i in range(4)])
+
+
+def test_two_workers_fill_one_folder(tmp_path):
+    common = dict(output=str(tmp_path / "p"), n_pairs=3, n_val=2, members=2, protocol=QUICK)
+    generate_pairs(GenerateConfig(start_index=0, count=3, **common))
+    generate_pairs(GenerateConfig(start_index=3, count=2, **common))
+    train, val = load_split(tmp_path / "p", "train"), load_split(tmp_path / "p", "val")
+    assert [r["index"] for r in train.records] == [0, 1, 2] and [r["index"] for r in val.records] == [0, 1]
+    again = generate_pairs(GenerateConfig(**common))  # everything already there: nothing is redone
+    assert again["pairs_made"] == 0 and again["pairs_skipped"] == 5
+
+
+def test_bad_shards_and_settings_are_reported_by_name(tmp_path):
+    out = tmp_path / "p"
+    generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=2, protocol=QUICK))
+    with pytest.raises(KTError, match="other settings"):
+        generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=2, protocol=Protocol(epochs=2)))
+    with pytest.raises(KTError, match="other bounds"):
+        generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=1, protocol=QUICK))
+    shard = out / sidecars(out, "train")[0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(KTError, match=f"{shard.name} is truncated or corrupt"):
+        load_split(out, "train")
+    with pytest.raises(KTError, match="must be >= 0"):
+        GenerateConfig(n_pairs=-1).validate()
+
+
+def test_killed_run_resumes_without_losing_or_duplicating(tmp_path):
+    args = ["generate", "--output", str(tmp_path / "p"), "--n-pairs", "6", "--n-val", "2", "--members", "2",
+            "--epochs", "2", "--small-epochs", "2", "--seed", "3"]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.Popen([sys.executable, "-m", "kt_mlflow.cli", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "p").glob("train-*.json")):
+        assert proc.poll() is None and time.time() < deadline, "generate ended before its first shard"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(sidecars(tmp_path / "p", "train"))
+    assert done_before < 3, "the kill came too late to test resuming"
+    result = kt(*args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{2 * done_before} already there" in result.stdout
+    train = load_split(tmp_path / "p", "train")
+    assert [r["index"] for r in train.records] == list(range(6))
+    # resumed pairs are the very pairs an uninterrupted run makes
+    ref = tmp_path / "ref"
+    generate_pairs(GenerateConfig(output=str(ref), n_pairs=6, n_val=2, members=2, seed=3,
+                                  protocol=Protocol(epochs=2, small_epochs=2)))
+    ref_train = load_split(ref, "train")
+    for k, v in ref_train.tensors.items():
+        torch.testing.assert_close(train.tensors[k], v, atol=0, rtol=0)
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["digest"] == write_manifest(ref)["digest"]
+
+
+def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "pairs"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "generate", "--env-manager", "local",
+           "--experiment-name", "gen-test", "-P", f"output={out}", "-P", "n_pairs=2", "-P", "n_val=1",
+           "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("gen-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["n_pairs"] == "2" and run.data.params["epochs"] == "1"
+    assert run.data.metrics["pairs_made"] == 3 and run.data.metrics["pairs_per_min"] > 0
+    (inp,) = run.inputs.dataset_inputs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert inp.dataset.digest == manifest["digest"] and inp.dataset.source_type == "kt_pairs"
+    assert run.data.tags["kt.version"] == "0.1.0"  # run-context-provider plugin
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "pairs")}
+    assert "pairs/manifest.json" in names and any(n.endswith(".safetensors") for n in names)
+    # a later step takes the pairs from the run id
+    from kt_mlflow.tracking.datasets import resolve_pairs
+    folder = resolve_pairs(run.info.run_id)
+    assert len(load_split(folder, "train")) == 2
+    assert mlflow.get_tracking_uri() == use_server
