@@ -46,7 +46,6 @@ def test_generate_train_evaluate_then_compress_in_a_fresh_process(tmp_path, use_
     assert len(kt_rows) == 4
 
     # A user's saved network: validation network 2 (begin + large + last), as a state dict.
-    from kt_mlflow.blocks import create_family
     from kt_mlflow.pairs.store import load_split
     from kt_mlflow.tracking.datasets import resolve_pairs
 
@@ -81,4 +80,3 @@ def test_generate_train_evaluate_then_compress_in_a_fresh_process(tmp_path, use_
     res = kt("compress", "--model", "no-such-model", "--input", str(tmp_path / "net.pt"), "--output",
              str(tmp_path / "x.pt"), cwd=tmp_path)
     assert res.returncode == 2 and "no translator at models:/no-such-model" in res.stderr
-    assert create_family("paper_mnist")

@@ -80,14 +80,14 @@ def compare_methods(family: BlockFamily, val: PairSet, data, methods: Mapping[st
 
 
 def _methods(df: pd.DataFrame) -> List[str]:
-    missing = sorted(set(COLUMNS[:1] + COLUMNS[3:]) - set(df.columns))
+    missing = [c for c in ("method", "accuracy") if c not in df.columns]
     if missing:
         raise KTError(f"comparison table lacks columns {', '.join(missing)}; pass the output of compare_methods.")
     return method_order(list(df["method"]))
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean, std, min, max accuracy, n networks, and gap_closed.
+    """Per method: mean, std (population, ddof=0), min, max accuracy, n networks, and gap_closed.
 
     ``gap_closed = (mean_method - mean_random) / (mean_trained - mean_random)``: 0 is no better than a
     random small block, 1 matches the trained one; NaN when 'random' or 'trained' is absent.

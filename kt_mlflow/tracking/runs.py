@@ -25,7 +25,10 @@ def step_run(step: str, params: Mapping[str, Any], run_name: Optional[str] = Non
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tag(STEP_TAG, step)
-        mlflow.log_params(flat_params(params))
+        # Under `mlflow run` the project params are already logged (as MLflow rendered them) and
+        # MLflow forbids changing a param: log only the ones it does not have.
+        logged = MlflowClient().get_run(run.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in flat_params(params).items() if k not in logged})
         yield run
 
 
