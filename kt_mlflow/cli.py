@@ -180,7 +180,14 @@ def _main(a: argparse.Namespace) -> None:
     run_main(gen, train, a.registered_name, a.experiment_name)
 
 
-PARSERS: List[Callable] = [_generate_parser, _train_parser, _evaluate_parser, _compress_parser, _main_parser]
+def _sweep_parser(sub) -> None:
+    from .sweep.step import add_parser
+
+    add_parser(sub)
+
+
+PARSERS: List[Callable] = [_generate_parser, _train_parser, _evaluate_parser, _sweep_parser, _compress_parser,
+                           _main_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
