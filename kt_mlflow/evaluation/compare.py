@@ -136,3 +136,12 @@ def bucket_counts(df: pd.DataFrame, width: int = 5) -> pd.DataFrame:
 
 
 __all__ = ["compare_methods", "summary_table", "bucket_counts", "bucket_labels", "method_order", "TRAINED", "LARGE", "RANDOM"]
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 2) -> str:
+    """A DataFrame as a Markdown table (index included), for READMEs and logs; no extra dependency."""
+    cols = [str(df.index.name or "")] + [str(c) for c in df.columns]
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join([fmt(i)] + [fmt(v) for v in row]) + " |" for i, row in zip(df.index, df.to_numpy())]
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Pair-generation throughput: the vectorised generator (``train_pairs``) against the plain way.
+
+The plain way is how a pair is usually produced: one ordinary ``nn.Module`` network at a time
+(contiguous memory format), a ``torch.utils.data.DataLoader`` (batch 128, shuffle, a random horizontal
+flip per sample in the Dataset's ``__getitem__`` as torchvision transforms do, ``num_workers=0``),
+SGD lr 0.01 momentum 0.9. Both ways run the full protocol on the same data (real MNIST): base network
+for ``--epochs`` epochs, then the small block for ``--small-epochs`` epochs with begin/last frozen in
+eval mode; both evaluate test accuracy after each phase.
+
+    python benchmarks/generate_throughput.py                       # 1+1 epochs, 2 plain vs 16 vectorised
+    python benchmarks/generate_throughput.py --epochs 10 --small-epochs 10 --members 32
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from kt_mlflow.blocks import create_family
+from kt_mlflow.data import load_dataset
+from kt_mlflow.pairs.trainer import Protocol, train_pairs
+
+DEFAULT_ROOT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist").resolve()
+
+
+class FlipDataset(Dataset):
+    """In-memory images; a random horizontal flip per sample, applied on access."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, flip: bool) -> None:
+        self.x, self.y, self.flip = x, y, flip
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        img = self.x[i]
+        if self.flip and torch.rand(1).item() < 0.5:
+            img = img.flip(-1)
+        return img, self.y[i]
+
+
+def plain_accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.eval()
+    with torch.inference_mode():
+        correct = sum(int((net(x[i: i + 1000]).argmax(1) == y[i: i + 1000]).sum()) for i in range(0, len(x), 1000))
+    return 100.0 * correct / len(x)
+
+
+def plain_fit(net, params, loader, epochs: int, p: Protocol) -> None:
+    opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def plain_pair(family, seed: int, data, p: Protocol):
+    """One pair the ordinary way."""
+    torch.manual_seed(seed)
+    net = family.base_network().train()
+    loader = DataLoader(FlipDataset(data.train_x, data.train_y, p.flip), batch_size=p.batch_size, shuffle=True, num_workers=0)
+    plain_fit(net, net.parameters(), loader, p.epochs, p)
+    base_acc = plain_accuracy(net, data.test_x, data.test_y)
+    small = family.small_block()
+    net.begin.eval().requires_grad_(False)
+    net.last.eval().requires_grad_(False)
+    net.block = small.train()
+    plain_fit(net, small.parameters(), loader, p.small_epochs, p)
+    net.block.train(False)
+    small_acc = plain_accuracy(net, data.test_x, data.test_y)
+    return base_acc, small_acc
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder with the MNIST IDX files")
+    ap.add_argument("--family", default="paper_mnist")
+    ap.add_argument("--epochs", type=int, default=1, help="base-network epochs")
+    ap.add_argument("--small-epochs", type=int, default=1, help="small-block epochs")
+    ap.add_argument("--plain", type=int, default=2, help="networks trained the plain way (one after another)")
+    ap.add_argument("--members", type=int, default=16, help="networks trained at once by train_pairs")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+    print("command:", shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["generate_throughput.py", *argv]))
+
+    torch.set_num_threads(args.threads)
+    family = create_family(args.family)
+    data = load_dataset("mnist", args.data_root)
+    p = Protocol(epochs=args.epochs, small_epochs=args.small_epochs)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(data.train_x)} train / "
+          f"{len(data.test_x)} test MNIST images, family {family.name}, protocol {p.as_params()}")
+
+    t0 = time.perf_counter()
+    accs = [plain_pair(family, 1000 + i, data, p) for i in range(args.plain)]
+    t_plain = time.perf_counter() - t0
+    rate_plain = 60.0 * args.plain / t_plain
+    mean = [sum(a[j] for a in accs) / len(accs) for j in (0, 1)]
+    print(f"plain      : {args.plain:3d} networks in {t_plain:7.1f} s -> {rate_plain:8.2f} pairs/min "
+          f"(acc base {mean[0]:.2f}%, small {mean[1]:.2f}%)")
+
+    t0 = time.perf_counter()
+    out = train_pairs(family, list(range(args.members)), data, p, torch.device("cpu"))
+    t_vec = time.perf_counter() - t0
+    rate_vec = 60.0 * args.members / t_vec
+    print(f"vectorised : {args.members:3d} networks in {t_vec:7.1f} s -> {rate_vec:8.2f} pairs/min "
+          f"(acc base {out['base_acc'].mean():.2f}%, small {out['small_acc'].mean():.2f}%)")
+    print(f"ratio (vectorised / plain): {rate_vec / rate_plain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
