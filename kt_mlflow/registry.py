@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List
 
+from .errors import KTError
+
 
 class Registry:
     """Maps names to factories; unknown names get a one-line error listing the known ones."""
@@ -34,7 +36,7 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._factories:
-            raise KeyError(
+            raise KTError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}."
             )
         return self._factories[name]

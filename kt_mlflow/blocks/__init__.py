@@ -119,10 +119,7 @@ _register(BlockFamily("wide_mnist", width=8, large_hidden=8, small_hidden=4, las
 
 
 def create_family(name: str) -> BlockFamily:
-    try:
-        return FAMILIES.create(name)
-    except KeyError as e:
-        raise KTError(e.args[0]) from None
+    return FAMILIES.create(name)
 
 
 def family_names() -> List[str]:
@@ -153,6 +150,30 @@ def fold_members(stacked: Mapping[str, torch.Tensor], index=slice(None)) -> Stat
     return {k: v[index].reshape(-1, *v.shape[2:]) if v.dim() > 1 else v[0] for k, v in stacked.items()}
 
 
+def fold_bn(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> Tuple[State, State]:
+    """Each large-block conv with its following BN folded in: (scaled weights, per-channel shifts).
+
+    ``BN(conv(x)) = conv(x; w * s) + t`` with ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``;
+    tensors carry a leading ``(P,)`` network axis. A conv without BN gets ``s = 1, t = 0``.
+    """
+    block = family.large_block()
+    weights, shifts = {}, {}
+    for key, bn in family.bn_of("large").items():
+        needed = [key] + ([] if bn is None else [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")])
+        missing = [k for k in needed if k not in large]
+        if missing:
+            raise KTError(f"large-block state lacks {', '.join(missing)}; pass the whole {family.name} large block "
+                          f"(BN statistics included), e.g. pairs.part('large').")
+        w = large[key]
+        if bn is None:
+            weights[key], shifts[key] = w, torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
+            continue
+        scale = large[f"{bn}.weight"] / torch.sqrt(large[f"{bn}.running_var"] + getattr(block, bn).eps)  # (P, o)
+        weights[key] = w * scale[..., None, None, None]
+        shifts[key] = large[f"{bn}.bias"] - large[f"{bn}.running_mean"] * scale
+    return weights, shifts
+
+
 def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
     """The entries of ``state`` under ``prefix.``, with the prefix removed."""
     p = prefix + "."
@@ -161,7 +182,7 @@ def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
 
 __all__ = [
     "BlockFamily", "KTNetwork", "create_family", "family_names", "stack_states", "unstack_state", "prefixed",
-    "fold_members",
+    "fold_members", "fold_bn",
     "BLOCKS", "FAMILIES",
 ]
 

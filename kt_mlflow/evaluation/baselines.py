@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping
 import torch
 
 from ..blocks import BlockFamily
+from ..blocks import fold_bn as fold_bn_weights
 from ..errors import KTError
 from ..registry import Registry
 
@@ -104,25 +105,7 @@ def fold_bn(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> State:
         >>> fold_bn(fam, pairs.part("large"))["conv1.weight"].shape  # doctest: +SKIP
         torch.Size([8, 6, 6, 3, 3])
     """
-    block = family.large_block()
-    out: State = {}
-    for key, bn_name in family.bn_of("large").items():
-        if key not in large:
-            raise KTError(f"large-block state dict has no {key}; pass pairs.part('large') of a {family.name} pair set.")
-        w = large[key]
-        if bn_name is None:
-            out[key] = w.clone()
-            continue
-        try:
-            gamma, var = large[f"{bn_name}.weight"], large[f"{bn_name}.running_var"]
-        except KeyError:
-            raise KTError(
-                f"large-block state dict lacks {bn_name}.weight / {bn_name}.running_var; pass the whole "
-                f"large block (BN statistics included), e.g. pairs.part('large')."
-            ) from None
-        scale = gamma / torch.sqrt(var + getattr(block, bn_name).eps)  # (P, out)
-        out[key] = w * scale.reshape(*scale.shape, *([1] * (w.dim() - scale.dim())))
-    return out
+    return fold_bn_weights(family, large)[0]
 
 
 def uniform_indices(large_size: int, small_size: int) -> torch.Tensor:
@@ -202,10 +185,7 @@ BASELINES.register("l1")(lambda family, large, seed=0: l1_selection(family, larg
 
 def make_baseline(name: str, family: BlockFamily, large: Mapping[str, torch.Tensor], seed: int = 0) -> State:
     """Stacked small-block weights of baseline ``name`` ('random', 'identity', 'uniform', 'l1') for P networks."""
-    try:
-        factory = BASELINES.get(name)
-    except KeyError as e:
-        raise KTError(e.args[0]) from None
+    factory = BASELINES.get(name)
     out = factory(family=family, large=large, seed=seed)
     ref = next((v for v in large.values() if v.is_floating_point()), None)
     if ref is None:

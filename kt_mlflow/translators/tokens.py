@@ -12,11 +12,10 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..blocks import BlockFamily
+from ..blocks import BlockFamily, fold_bn
 from ..errors import KTError
 
 State = Dict[str, torch.Tensor]
-BN_EPS = 1e-5  # nn.BatchNorm2d's default, used by every family block
 
 
 @dataclass(frozen=True)
@@ -47,20 +46,6 @@ def layout(family: BlockFamily, which: str, bn_aware: bool = False) -> TokenLayo
         raise KTError(f"family {family.name}: {which} block convs have different kernel sizes {kernels}; "
                       f"tokens need one kernel size per block.")
     return TokenLayout(tuple(shapes), tuple(shapes.values()), extra=1 if bn_aware and which == "large" else 0)
-
-
-def fold_bn(family: BlockFamily, large: State) -> Tuple[State, State]:
-    """(conv weights scaled by their BN, per-output-channel shifts); tensors carry a leading (P,) axis."""
-    weights, shifts = {}, {}
-    for key, bn in family.bn_of("large").items():
-        w = large[key]
-        if bn is None:
-            weights[key], shifts[key] = w, torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
-            continue
-        scale = large[f"{bn}.weight"] / torch.sqrt(large[f"{bn}.running_var"] + BN_EPS)  # (P, o)
-        weights[key] = w * scale[..., None, None, None]
-        shifts[key] = large[f"{bn}.bias"] - large[f"{bn}.running_mean"] * scale
-    return weights, shifts
 
 
 def encode_source(family: BlockFamily, large: State, bn_aware: bool = False) -> torch.Tensor:

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from kt_mlflow.blocks import create_family
+from kt_mlflow.errors import KTError
+from kt_mlflow.translators import MixerTranslator, Translator, create_translator, tokens
+
+
+def test_token_layout_is_derived_from_the_family():
+    paper, wide = create_family("paper_mnist"), create_family("wide_mnist")
+    assert (tokens.layout(paper, "large").tokens, tokens.layout(paper, "small").tokens) == (72, 36)
+    assert tokens.layout(paper, "large", bn_aware=True).dim == 10
+    assert (tokens.layout(wide, "large").tokens, tokens.layout(wide, "small").tokens) == (128, 64)
+
+
+def test_target_tokens_roundtrip():
+    fam = create_family("paper_mnist")
+    small = {k: torch.randn(5, *v.shape) for k, v in fam.small_block().state_dict().items()}
+    back = tokens.decode_target(fam, tokens.encode_target(fam, small))
+    assert all(torch.equal(back[k], small[k]) for k in small)
+
+
+def test_bn_aware_tokens_carry_the_function_of_conv_plus_bn():
+    fam = create_family("paper_mnist")
+    block = fam.large_block().eval()
+    block.bn1.running_mean.uniform_(-1, 1)
+    block.bn1.running_var.uniform_(0.5, 2)
+    block.bn1.weight.data.uniform_(0.5, 2)
+    block.bn1.bias.data.uniform_(-1, 1)
+    state = {k: v[None] for k, v in block.state_dict().items()}
+    tok = tokens.encode_source(fam, state, bn_aware=True)  # (1, 72, 10)
+    w = tok[0, :36, :9].reshape(6, 6, 3, 3)
+    shift = tok[0, :36, 9].reshape(6, 6)[:, 0]
+    x = torch.randn(2, 6, 14, 14)
+    expected = block.bn1(block.conv1(x))
+    got = torch.nn.functional.conv2d(x, w, padding=1) + shift[None, :, None, None]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixer_follows_the_spec_shapes():
+    m = MixerTranslator(72, 9, 36, 9)  # paper defaults: 24 layers, 128, 256, 512
+    assert len(m.layers) == 24 and m.embed.out_features == 128
+    assert m.layers[0].token_mlp[0].in_features == 72 and m.layers[0].token_mlp[0].out_features == 256
+    assert m.layers[0].channel_mlp[0].out_features == 512
+    assert m(torch.zeros(2, 72, 9)).shape == (2, 36, 9)
+
+
+@pytest.mark.parametrize("arch", ["mixer", "mlp"])
+def test_translate_compress_save_load(tmp_path, arch):
+    fam = create_family("paper_mnist")
+    tr = create_translator(arch, fam, bn_aware=True, depth=2, width=16)
+    net = fam.base_network().eval()
+    small = tr.translate(net.block.state_dict())
+    assert {k: tuple(v.shape) for k, v in small.items()} == {"conv1.weight": (3, 6, 3, 3), "conv2.weight": (6, 3, 3, 3)}
+    compressed = tr.compress(net)
+    x = torch.randn(3, 1, 28, 28)
+    assert compressed(x).shape == (3, 10)
+    assert torch.equal(compressed.begin.conv.weight, net.begin.conv.weight)
+    tr.save(tmp_path)
+    again = Translator.load(tmp_path)
+    assert again.config() == tr.config()
+    torch.testing.assert_close(again.translate(net.block.state_dict())["conv1.weight"], small["conv1.weight"])
+
+
+def test_translator_errors_are_one_line_and_say_what_was_expected(tmp_path):
+    fam = create_family("paper_mnist")
+    tr = create_translator("mixer", fam, depth=1, width=8)
+    with pytest.raises(KTError, match="not a paper_mnist base network"):
+        tr.compress(create_family("paper_mnist").compressed_network())
+    with pytest.raises(KTError, match="choose one of: mixer, mlp"):
+        create_translator("transformer", fam)
+    with pytest.raises(KTError, match="does not hold a saved translator"):
+        Translator.load(tmp_path)
