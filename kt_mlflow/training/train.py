@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..blocks import BlockFamily, fold_members
+from ..blocks import BlockFamily, KTNetwork, fold_members
 from ..device import pick_device
 from ..errors import KTError
 from ..evaluation.functional import network_accuracy
@@ -50,8 +50,9 @@ class TrainConfig:
     noise_std: float = 0.0
     augment_on: str = "source"
     val_every: int = 10
-    functional_pairs: int = 16     # pairs per step that get the functional loss
+    functional_pairs: int = 64     # pairs per step that get the functional loss
     functional_images: int = 64    # training images per step for the functional loss
+    functional_bank: int = 512     # training images whose begin features are precomputed per pair
     seed: int = 0
     device: str = "auto"
 
@@ -109,34 +110,52 @@ class FunctionalLoss:
     """KL(base network || network with the translated block) on training images, per pair.
 
     Each pair's own begin and last blocks (frozen, eval-mode BN) sandwich the translated small block;
-    the teacher is the pair's own base network. Only translator training sees images.
+    the teacher is the pair's own base network. The begin features and teacher logits of a fixed bank
+    of training images are computed once, so a step only runs the small and last blocks. Only translator
+    training sees images; translation itself stays data-free.
     """
 
-    def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device) -> None:
+    def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device, bank: int,
+                 seed: int, chunk: int = 32) -> None:
         self.family, self.device = family, device
-        self.parts = {name: {k: v.to(device) for k, v in train.part(name).items()} for name in ("begin", "large", "last")}
-        self.images = data.train_x.to(device)
-        self._nets: Dict[tuple, torch.nn.Module] = {}
+        # Keep the feature bank within ~2 GB: fewer images per pair when there are many pairs.
+        per_image = 4 * family.width * (data.train_x.shape[-1] // 2) ** 2
+        bank = max(16, min(bank, (2 << 30) // max(1, len(train) * per_image)))
+        pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
+        x = data.train_x[pick].to(device)
+        m, n = len(x), len(train)
+        feats, teacher = [], []
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                sl = slice(lo, min(n, lo + chunk))
+                k = sl.stop - sl.start
+                net = family.base_network(k).to(device).eval()
+                for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
+                    getattr(net, part).load_state_dict(fold_members({a: b.to(device) for a, b in train.part(name).items()}, sl))
+                f = net.begin(x.expand(-1, k, -1, -1))                                   # (m, k*C, H, W)
+                teacher.append(net.last(net.block(f)).view(m, k, -1).transpose(0, 1))    # (k, m, classes)
+                feats.append(f.reshape(m, k, -1, *f.shape[2:]).transpose(0, 1))         # (k, m, C, H, W)
+        self.feats, self.teacher = torch.cat(feats), torch.cat(teacher)
+        self.last = {k: v.to(device) for k, v in train.part("last").items()}
+        self._nets: Dict[int, torch.nn.Module] = {}
 
-    def _net(self, kind: str, k: int) -> torch.nn.Module:
-        if (kind, k) not in self._nets:
-            net = self.family.base_network(k) if kind == "large" else self.family.compressed_network(k)
-            self._nets[(kind, k)] = net.to(self.device).eval()
-        return self._nets[(kind, k)]
+    def _net(self, k: int) -> torch.nn.Module:
+        """small block -> last block for k members (begin features are precomputed)."""
+        if k not in self._nets:
+            self._nets[k] = KTNetwork(torch.nn.Identity(), self.family.small_block(k), self.family.last(k), k)
+            self._nets[k].to(self.device).eval()
+        return self._nets[k]
 
     def __call__(self, small: Dict[str, torch.Tensor], idx: torch.Tensor, n_images: int,
                  gen: torch.Generator) -> torch.Tensor:
         k = len(idx)
-        pick = torch.randint(len(self.images), (n_images,), generator=gen).to(self.device)
-        x = self.images[pick].expand(-1, k, -1, -1).contiguous()  # same images for every member
-        state = {f"{part}.{n}": t for part in ("begin", "last")
-                 for n, t in fold_members({a: b[idx] for a, b in self.parts[part].items()}).items()}
-        with torch.no_grad():
-            teacher_state = {**state, **{f"block.{n}": t for n, t in
-                                         fold_members({a: b[idx] for a, b in self.parts["large"].items()}).items()}}
-            teacher = functional_call(self._net("large", k), teacher_state, (x,)).view(n_images * k, -1)
-        student_state = {**state, **{f"block.{n}": t for n, t in fold_members(small).items()}}
-        student = functional_call(self._net("small", k), student_state, (x,)).view(n_images * k, -1)
+        pick = torch.randint(self.feats.shape[1], (n_images,), generator=gen).to(self.device)
+        f = self.feats[idx][:, pick].transpose(0, 1)                                  # (n, k, C, H, W)
+        x = f.reshape(n_images, -1, *f.shape[3:]).contiguous(memory_format=torch.channels_last)
+        state = {**{f"block.{n}": t for n, t in fold_members(small).items()},
+                 **{f"last.{n}": t for n, t in fold_members({a: b[idx] for a, b in self.last.items()}).items()}}
+        student = functional_call(self._net(k), state, (x,)).view(n_images * k, -1)
+        teacher = self.teacher[idx][:, pick].transpose(0, 1).reshape(n_images * k, -1)
         return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
 
 
@@ -164,7 +183,8 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
         net.in_std.copy_(source.std((0, 1)).clamp_min(1e-6))
         net.out_mean.copy_(target.mean((0, 1)))
         net.out_std.copy_(target.std((0, 1)).clamp_min(1e-6))
-    functional = FunctionalLoss(family, train, data, device) if recipe.functional > 0 else None
+    functional = (FunctionalLoss(family, train, data, device, cfg.functional_bank, cfg.seed)
+                  if recipe.functional > 0 else None)
 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
