@@ -61,6 +61,26 @@ def tracking_server(tmp_path_factory):
     log.close()
 
 
+@pytest.fixture(autouse=True)
+def fresh_mlflow_state(monkeypatch, tmp_path):
+    """No experiment or run leaks between tests (mlflow.set_experiment() sets MLFLOW_EXPERIMENT_ID),
+    and MLflow writes into the test's own folder unless a test picks a store."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/default-mlflow.db")
+    mlflow.set_tracking_uri(None)
+    while mlflow.active_run():
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+
+
 @pytest.fixture
 def use_server(tracking_server, monkeypatch):
     """Point this process and its children at the tracking server."""

@@ -85,3 +85,11 @@ def test_finetune_curves_start_from_the_given_blocks(setup):
     acc = network_accuracy(family, val.part("begin"), val.part("small"), val.part("last"), data)
     np.testing.assert_allclose(at0, acc.numpy(), atol=1e-4)
     assert set(curves.epoch) == {0, 1}
+
+
+def test_run_context_plugin_tags_new_runs(local_tracking):
+    with mlflow.start_run() as run:
+        pass
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["kt.version"] == "0.1.0" and tags["kt.torch"] == torch.__version__
+    assert tags["kt.device"].startswith("cpu") or "NVIDIA" in tags["kt.device"]

@@ -71,3 +71,28 @@ def test_translator_errors_are_one_line_and_say_what_was_expected(tmp_path):
         create_translator("transformer", fam)
     with pytest.raises(KTError, match="does not hold a saved translator"):
         Translator.load(tmp_path)
+
+
+def test_compress_file_rejects_bad_networks(tmp_path, monkeypatch):
+    from kt_mlflow import compress
+
+    fam = create_family("paper_mnist")
+    tr = create_translator("mixer", fam, depth=1, width=8)
+    monkeypatch.setattr("kt_mlflow.tracking.models.load_translator", lambda name, device="cpu": tr)
+    good = fam.base_network().state_dict()
+    torch.save(good, tmp_path / "net.pt")
+    counts = compress.compress_file("any", tmp_path / "net.pt", tmp_path / "small.safetensors")
+    assert counts["block_before"] == 672 and counts["block_after"] == 324
+    assert set(compress.load_state_dict(tmp_path / "small.safetensors")) == set(fam.compressed_network().state_dict())
+    torch.save(dict(good, **{"block.conv1.weight": torch.full((6, 6, 3, 3), float("inf"))}), tmp_path / "inf.pt")
+    with pytest.raises(KTError, match="NaN or inf"):
+        compress.compress_file("any", tmp_path / "inf.pt", tmp_path / "x.pt")
+    torch.save(dict(good, **{"last.fc.weight": torch.zeros(10, 5)}), tmp_path / "shape.pt")
+    with pytest.raises(KTError, match=r"last.fc.weight has shape \(10, 5\)"):
+        compress.compress_file("any", tmp_path / "shape.pt", tmp_path / "x.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(KTError, match="not a state dict"):
+        compress.compress_file("any", tmp_path / "list.pt", tmp_path / "x.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(KTError, match="not a readable state dict"):
+        compress.compress_file("any", tmp_path / "junk.pt", tmp_path / "x.pt")

@@ -9,6 +9,8 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from .context import KTRunContextProvider
+
 STEP_TAG = "kt.step"
 
 
@@ -25,6 +27,8 @@ def step_run(step: str, params: Mapping[str, Any], run_name: Optional[str] = Non
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tag(STEP_TAG, step)
+        # A run that `mlflow run` created and we resumed did not pass through the run-context plugin.
+        mlflow.set_tags(KTRunContextProvider().tags())
         # Under `mlflow run` the project params are already logged (as MLflow rendered them) and
         # MLflow forbids changing a param: log only the ones it does not have.
         logged = MlflowClient().get_run(run.info.run_id).data.params
