@@ -120,3 +120,29 @@ def tiny_pairs(tmp_path_factory) -> Path:
     generate_pairs(GenerateConfig(output=str(out), n_pairs=8, n_val=6, members=7,
                                   protocol=Protocol(epochs=4, small_epochs=4)))
     return out
+
+
+SYNTHETIC_SETTINGS = {"family": "paper_mnist", "dataset": "digits", "seed": 0, "epochs": 0, "small_epochs": 0,
+                      "lr": 0.01, "momentum": 0.9, "batch_size": 128, "flip": True}
+
+
+def synthetic_pairs(folder: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    """Untrained (freshly initialised) pairs in the on-disk layout of `kt generate`: instant, offline."""
+    import torch
+
+    from kt_mlflow.blocks import create_family
+    from kt_mlflow.pairs.store import write_manifest, write_shard
+
+    family = create_family("paper_mnist")
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", n_train, 0), ("val", n_val, 10_000)):
+        states = []
+        for i in range(n):
+            base, small = family.init_pair(offset + i)
+            states.append({**{k.replace("block.", "large.", 1): v for k, v in base.items()},
+                           **{f"small.{k}": v for k, v in small.items()}})
+        tensors = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        records = [{"index": i, "seed": offset + i, "base_acc": 10.0, "small_acc": 10.0} for i in range(n)]
+        write_shard(folder, split, 0, tensors, records, SYNTHETIC_SETTINGS)
+    write_manifest(folder)
+    return folder

@@ -2,48 +2,18 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from kt_mlflow.blocks import create_family
 from kt_mlflow.errors import KTError
-from kt_mlflow.pairs.store import write_manifest, write_shard
 from kt_mlflow.sweep import study as st
 from kt_mlflow.sweep.space import SearchSpace, parse_choices
 from kt_mlflow.sweep.step import main, run_sweep
-
-SETTINGS = {"family": "paper_mnist", "dataset": "digits", "seed": 0, "epochs": 0, "small_epochs": 0, "lr": 0.01,
-            "momentum": 0.9, "batch_size": 128, "flip": True}
-
-
-def synthetic_pairs(folder: Path, n_train: int = 4, n_val: int = 2) -> Path:
-    """Untrained (freshly initialised) pairs in the on-disk layout of `kt generate`: instant, offline."""
-    family = create_family("paper_mnist")
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, offset in (("train", n_train, 0), ("val", n_val, 10_000)):
-        states = []
-        for i in range(n):
-            base, small = family.init_pair(offset + i)
-            states.append({**{k.replace("block.", "large.", 1): v for k, v in base.items()},
-                           **{f"small.{k}": v for k, v in small.items()}})
-        tensors = {k: torch.stack([s[k] for s in states]) for k in states[0]}
-        records = [{"index": i, "seed": offset + i, "base_acc": 10.0, "small_acc": 10.0} for i in range(n)]
-        write_shard(folder, split, 0, tensors, records, SETTINGS)
-    write_manifest(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from conftest import free_port, synthetic_pairs
 
 TINY = dict(depth_min=1, depth_max=2, width_min=8, width_max=16, epochs_min=2, epochs_max=3, val_every=1,
             mask_max=0.1, noise_max=0.01, device="cpu")
@@ -119,7 +89,7 @@ def test_unreachable_postgres_is_one_line_error(tmp_path):
     with pytest.raises(KTError) as err:
         st.open_storage(url)
     text = str(err.value)
-    assert text.startswith(f"cannot reach Optuna storage postgresql://postgres:***@127.0.0.1:") and "\n" not in text
+    assert text.startswith("cannot reach Optuna storage postgresql://postgres:***@127.0.0.1:") and "\n" not in text
     assert "secret" not in text
     # through the CLI, with valid ranges, before the pairs are even looked at
     assert main(["--pairs", str(tmp_path / "missing"), "--storage", url, "--n-trials", "1"]) == 2

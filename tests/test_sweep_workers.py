@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,42 +17,15 @@ from pathlib import Path
 import optuna
 import psycopg2
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from kt_mlflow.blocks import create_family
-from kt_mlflow.pairs.store import write_manifest, write_shard
 from kt_mlflow.sweep import study as st
+from conftest import free_port, synthetic_pairs
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
-SETTINGS = {"family": "paper_mnist", "dataset": "digits", "seed": 0, "epochs": 0, "small_epochs": 0, "lr": 0.01,
-            "momentum": 0.9, "batch_size": 128, "flip": True}
 TINY = ["--depth-min", "1", "--depth-max", "2", "--width-min", "8", "--width-max", "16", "--epochs-min", "2",
         "--epochs-max", "3", "--val-every", "1", "--mask-max", "0.1", "--noise-max", "0.01", "--device", "cpu"]
 STATES = optuna.trial.TrialState
-
-
-def synthetic_pairs(folder: Path, n_train: int = 4, n_val: int = 2) -> Path:
-    """Untrained (freshly initialised) pairs in the on-disk layout of `kt generate`: instant, offline."""
-    family = create_family("paper_mnist")
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, offset in (("train", n_train, 0), ("val", n_val, 10_000)):
-        states = []
-        for i in range(n):
-            base, small = family.init_pair(offset + i)
-            states.append({**{k.replace("block.", "large.", 1): v for k, v in base.items()},
-                           **{f"small.{k}": v for k, v in small.items()}})
-        tensors = {k: torch.stack([s[k] for s in states]) for k in states[0]}
-        records = [{"index": i, "seed": offset + i, "base_acc": 10.0, "small_acc": 10.0} for i in range(n)]
-        write_shard(folder, split, 0, tensors, records, SETTINGS)
-    write_manifest(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _admin():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-import mlflow
 import pandas as pd
 
 from ..tracking.datasets import resolve_pairs

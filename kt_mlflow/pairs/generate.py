@@ -23,7 +23,7 @@ from ..blocks import create_family
 from ..data import load_dataset
 from ..device import pick_device
 from ..errors import KTError
-from .store import check_settings, shard_name, sidecars, write_manifest, write_shard
+from .store import check_settings, sidecars, write_manifest, write_shard
 from .trainer import Protocol, train_pairs
 
 VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs

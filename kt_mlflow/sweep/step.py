@@ -253,15 +253,9 @@ def _sweep(a: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m kt_mlflow.sweep.step ARGS`` == ``kt sweep ARGS``."""
-    parser = argparse.ArgumentParser(prog="kt sweep", description=__doc__.splitlines()[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except KTError as e:
-        print(f"kt sweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from ..cli import main as cli_main
+
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
