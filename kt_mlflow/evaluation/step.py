@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 import pandas as pd
 
-from ..tracking.datasets import resolve_pairs
+from ..tracking.datasets import log_pair_input, resolve_pairs
 from ..tracking.models import load_translator, model_uri
 from ..tracking.runs import step_run
 from .compare import summary_table
@@ -23,8 +23,6 @@ def run_evaluate(model: str, pairs: str, dataset: str = "digits", data_root: Opt
               "data_root": data_root, "seed": seed, "baselines": ",".join(baselines), "device": device}
     with step_run("evaluate", params, run_name="evaluate", nested=nested, experiment=experiment) as run:
         translator = load_translator(model)
-        from ..training.step import log_pair_input
-
         log_pair_input(resolve_pairs(pairs), pairs, "evaluation")
         df = run_comparison(translator, settings)
         logged = log_evaluation(df)

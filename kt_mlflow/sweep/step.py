@@ -47,7 +47,8 @@ def run_sweep(space: SearchSpace, pairs: str, dataset: str = "digits", data_root
     from ..evaluation.functional import network_accuracy
     from ..tracking.models import default_name, load_translator
     from ..tracking.runs import flat_params, step_run
-    from ..training.step import load_pairs, log_pair_input
+    from ..tracking.datasets import log_pair_input
+    from ..training.step import load_pairs
     from ..training.train import NonFiniteLoss, train_translator
     from . import study as st
 

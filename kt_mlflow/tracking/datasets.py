@@ -120,3 +120,11 @@ class PairDataset(Dataset):
                 specs.append(TensorSpec(np.dtype(t.get_dtype().lower().replace("f32", "float32").replace("i64", "int64")),
                                         (-1, *t.get_shape()[1:]), key))
         return Schema(specs)
+
+
+def log_pair_input(folder: Path, spec: str, context: str) -> None:
+    """Log the pair set ``spec`` (folder, run id or ``runs:/`` URI, already fetched to ``folder``) as a run input."""
+    if RUN_ID.match(spec):
+        spec = f"runs:/{spec}/{PAIRS_ARTIFACT}"
+    source = spec if spec.startswith("runs:/") else str(Path(folder).resolve())
+    mlflow.log_input(PairDataset(folder, source=PairShardSource(source)), context=context)

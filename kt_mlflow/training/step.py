@@ -10,7 +10,7 @@ from ..blocks import create_family
 from ..data import load_dataset
 from ..errors import KTError
 from ..pairs.store import PairSet, load_split
-from ..tracking.datasets import PairDataset, PairShardSource, resolve_pairs
+from ..tracking.datasets import log_pair_input, resolve_pairs
 from ..tracking.models import default_name, log_translator
 from ..tracking.runs import step_run
 from .train import TrainConfig, train_translator
@@ -25,13 +25,6 @@ def load_pairs(spec: str, dataset: str) -> Tuple[Path, PairSet, PairSet]:
         raise KTError(f"the pairs in {spec} were generated on dataset {made_on!r}, not {dataset!r}; "
                       f"pass --dataset {made_on} (and its --data-root).")
     return folder, train, val
-
-
-def log_pair_input(folder: Path, spec: str, context: str) -> None:
-    source = spec if spec.startswith("runs:/") or len(spec) == 32 and "/" not in spec else str(folder.resolve())
-    if len(source) == 32 and "/" not in source:
-        source = f"runs:/{source}/pairs"
-    mlflow.log_input(PairDataset(folder, source=PairShardSource(source)), context=context)
 
 
 def run_train(cfg: TrainConfig, pairs: str, dataset: str = "digits", data_root: Optional[str] = None,
