@@ -13,7 +13,7 @@ from .evaluation.step import run_evaluate
 from .pairs.generate import GenerateConfig
 from .pairs.step import run_generate
 from .tracking.models import default_name
-from .tracking.runs import find_finished_run, flat_params
+from .tracking.runs import find_finished_run, flat_params, use_experiment
 from .training.step import run_train
 from .training.train import TrainConfig
 
@@ -24,7 +24,7 @@ def run_main(gen: GenerateConfig, train: TrainConfig, registered_name: Optional[
     gen.validate()
     train.validate()
     if experiment:
-        mlflow.set_experiment(experiment)
+        use_experiment(experiment)
     with mlflow.start_run(run_name="main") as parent:
         mlflow.set_tag("kt.step", "main")
         exp_id = parent.info.experiment_id

@@ -19,12 +19,23 @@ def flat_params(params: Mapping[str, Any]) -> Dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in params.items()}
 
 
+def use_experiment(name: str) -> str:
+    """Make ``name`` the active experiment (created if missing); returns its id.
+
+    mlflow 3.17's set_experiment, when another worker creates the same experiment at the same moment,
+    returns it without making it active; setting it again by id closes that race.
+    """
+    experiment_id = mlflow.set_experiment(name).experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
 @contextmanager
 def step_run(step: str, params: Mapping[str, Any], run_name: Optional[str] = None,
              nested: bool = False, experiment: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one step (or the run `mlflow run` already created), tagged and with params."""
     if experiment and not os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
-        mlflow.set_experiment(experiment)
+        use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tag(STEP_TAG, step)
         # A run that `mlflow run` created and we resumed did not pass through the run-context plugin.
