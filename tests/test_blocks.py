@@ -3,7 +3,7 @@ import torch
 
 from kt_mlflow.blocks import (create_family, family_names, flatten_block, fold_members, stack_states,
                               unflatten_block, unstack_state)
-from kt_mlflow.blocks.resnet import BasicBlock, BottleneckBlock
+from kt_mlflow.blocks.resnet import BasicBlock, BeginBlock, BottleneckBlock
 from kt_mlflow.errors import KTError
 
 
@@ -25,6 +25,40 @@ def test_families_derive_shapes_from_config():
     assert wide.compressed_network()(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     with pytest.raises(KTError, match="choose one of"):
         create_family("nope")
+
+
+def _textbook_begin(block: BeginBlock, x: torch.Tensor) -> torch.Tensor:
+    """conv -> BN -> ReLU -> max-pool with the ordinary modules, in the spec's order."""
+    return torch.nn.functional.max_pool2d(torch.relu(block.bn(block.conv(x))), 3, 2, 1)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_begin_block_bn_shortcuts_are_exact(members):
+    """Eval-mode folding and train-mode statistics from patch moments equal BatchNorm2d: outputs,
+    gradients and running statistics (float64), for one and for several members."""
+    torch.manual_seed(0)
+    fast = BeginBlock(2, 4, 3, members=members).double()  # two input channels: patches mix channels
+    ref = BeginBlock(2, 4, 3, members=members).double()
+    with torch.no_grad():
+        fast.bn.weight.uniform_(-1.5, 1.5)  # negative scales too: folding must not rely on the sign
+        fast.bn.bias.normal_()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(5, 2 * members, 12, 12, dtype=torch.float64) * 2 + 0.5
+    # Moments per member: each member sees its own images (here: its own channel pair).
+    per_image = [fast.patch_moments(x[:, 2 * m: 2 * m + 2]) for m in range(members)]
+    moments = (torch.stack([s1.sum(0) for s1, _ in per_image]), torch.stack([s2.sum(0) for _, s2 in per_image]), 5 * 144)
+    out_fast, out_ref = fast(x, moments), _textbook_begin(ref, x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out_ref)
+    out_fast.backward(g)
+    out_ref.backward(g)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fast.bn, name), getattr(ref.bn, name), rtol=1e-10, atol=1e-10)
+    fast.eval()
+    ref.eval()
+    torch.testing.assert_close(fast(x), _textbook_begin(ref, x), rtol=1e-10, atol=1e-10)
 
 
 def test_init_pair_is_a_function_of_the_seed():

@@ -6,7 +6,7 @@ Each block also knows its own function-preserving symmetries (used by the transl
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +16,74 @@ from .layers import StackedLinear, conv, conv_out_size
 
 
 class BeginBlock(nn.Module):
-    """conv(k) -> BN -> ReLU -> MaxPool(3, stride 2, pad 1)."""
+    """conv(k) -> BN -> ReLU -> MaxPool(3, stride 2, pad 1).
+
+    Two exact shortcuts keep BN off the block's largest tensor (full resolution, before pooling):
+    in eval mode BN is folded into the conv (scaled weights, a shift added after pooling); in training,
+    a caller that knows its batch's input patch moments (``patch_moments``) passes them, and the batch
+    statistics of the conv's output follow from them in closed form (the conv is linear in its
+    input), so BN is folded there too, with the same values, gradients and running statistics.
+    """
 
     def __init__(self, cin: int, width: int, kernel: int, members: int = 1) -> None:
         super().__init__()
+        self.members, self.kernel = members, kernel
         self.conv = conv(cin, width, kernel, members=members)
         self.bn = nn.BatchNorm2d(width * members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # max-pool then ReLU: the same values and gradients as ReLU then max-pool (ReLU is monotone and
-        # the pooling picks the same element), with the ReLU and its backward on a 4x smaller tensor.
-        return F.relu(F.max_pool2d(self.bn(self.conv(x)), 3, stride=2, padding=1), inplace=True)
+    def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
+        if self.training and moments is None:
+            # max-pool then ReLU: the same values and gradients as ReLU then max-pool (ReLU is monotone
+            # and the pooling picks the same element), with the ReLU on a 4x smaller tensor.
+            return F.relu(F.max_pool2d(self.bn(self.conv(x)), 3, stride=2, padding=1), inplace=True)
+        if self.training:
+            mean, var = self._batch_stats(*moments)
+        else:
+            mean, var = self.bn.running_mean, self.bn.running_var
+        scale = self.bn.weight * torch.rsqrt(var + self.bn.eps)
+        weight = self.conv.weight * scale[:, None, None, None]  # keeps the conv weight's memory format
+        y = F.conv2d(x, weight, None, padding=self.conv.padding, groups=self.members)
+        # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
+        shift = self.bn.bias - mean * scale
+        return F.relu(F.max_pool2d(y, 3, stride=2, padding=1) + shift[:, None, None], inplace=True)
+
+    def _batch_stats(self, s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The conv output's batch mean and (biased) variance from the input patches' moment sums.
+
+        ``s1`` ``(members, P)`` and ``s2`` ``(members, P, P)`` sum the patches and their outer products
+        over the batch and positions (``count`` patches per member), in float64 (see ``patch_moments``).
+        Also updates the running statistics exactly as ``nn.BatchNorm2d`` does.
+        """
+        mu = s1 / count
+        cov = (s2 / count - mu[:, :, None] * mu[:, None, :]).to(self.conv.weight.dtype)
+        w = self.conv.weight.reshape(self.members, -1, mu.shape[-1])  # (members, out, P)
+        mean = torch.einsum("kop,kp->ko", w, mu.to(w.dtype)).reshape(-1)
+        var = torch.einsum("kop,kpq,koq->ko", w, cov, w).reshape(-1).clamp_min(0)
+        bn = self.bn
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * (count / (count - 1)), alpha=m)
+        return mean, var
+
+    def patch_moments(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per image ``(N, C, H, W)``: the sum of its conv patches ``(N, P)`` and of their outer products
+        ``(N, P, P)``, in float64. Summing rows over a batch gives ``forward``'s ``moments``."""
+        k, pad = self.kernel, self.kernel // 2
+        h, w = images.shape[-2:]
+        s1, s2 = [], []
+        for chunk in F.pad(images, (pad, pad, pad, pad)).split(1024):  # chunks stay in cache
+            # Patch element (c, i, j) over all positions is a shifted view; products of views are the
+            # outer products summed over positions (cheaper than materialising the patches).
+            views = [chunk[:, c, i: i + h, j: j + w] for c in range(chunk.shape[1]) for i in range(k) for j in range(k)]
+            m2 = chunk.new_empty(len(chunk), len(views), len(views))
+            for a, va in enumerate(views):
+                for b in range(a, len(views)):
+                    m2[:, a, b] = m2[:, b, a] = (va * views[b]).sum((-2, -1))
+            s1.append(torch.stack([v.sum((-2, -1)) for v in views], 1))
+            s2.append(m2)
+        return torch.cat(s1).double(), torch.cat(s2).double()
 
 
 class BasicBlock(nn.Module):
@@ -128,8 +185,10 @@ class KTNetwork(nn.Module):
         self.members = members
         self.begin, self.block, self.last = begin, block, last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.block(self.begin(x)))
+    def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
+        """``moments``: the batch's input patch moments, for the begin block's exact BN shortcut."""
+        begin = self.begin(x) if moments is None else self.begin(x, moments)
+        return self.last(self.block(begin))
 
 
 def stem_out_size(image_size: int) -> int:

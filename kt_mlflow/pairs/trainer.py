@@ -57,11 +57,12 @@ class _KeepHeap:
     A K=16 step allocates activations of ~40 MB; glibc serves blocks that large with fresh ``mmap``s
     and unmaps them on free, so every step page-faults (and zero-fills) them again: a third of the
     step time on a small CPU. Serving them from the heap and not trimming it reuses the same pages.
-    The allocator's defaults come back on exit.
+    The allocator's defaults come back when the outermost of nested uses exits.
     """
 
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     DEFAULT_TRIM, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+    _depth = 0  # process-wide: nested uses (training inside train_pairs) must not restore early
 
     def __init__(self) -> None:
         self.libc = None
@@ -74,13 +75,15 @@ class _KeepHeap:
                 pass
 
     def __enter__(self) -> "_KeepHeap":
-        if self.libc is not None:
+        if self.libc is not None and _KeepHeap._depth == 0:
             self.libc.mallopt(self.M_MMAP_MAX, 0)
             self.libc.mallopt(self.M_TRIM_THRESHOLD, 1 << 30)
+        _KeepHeap._depth += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.libc is not None:
+        _KeepHeap._depth -= 1
+        if self.libc is not None and _KeepHeap._depth == 0:
             self.libc.mallopt(self.M_MMAP_MAX, self.DEFAULT_MMAP_MAX)
             self.libc.mallopt(self.M_TRIM_THRESHOLD, self.DEFAULT_TRIM)
 
@@ -108,6 +111,10 @@ def train_members(
     # the whole (b, K, C, H, W) batch in the stacked network's member-major order.
     images = torch.cat([x, x.flip(-1)]) if protocol.flip else x
     labels = torch.cat([y, y]) if protocol.flip else y
+    # A training begin block takes its BN statistics from per-image patch moments (exact, and it keeps
+    # BN off the largest activation): tabulate them once, sum the batch's rows each step.
+    table = net.begin.patch_moments(images) if net.begin.training else None
+    positions = images.shape[-2] * images.shape[-1]
     with _KeepHeap():
         for epoch in range(epochs):
             order = torch.stack([p[epoch][0] for p in plans])  # (K, n)
@@ -116,7 +123,10 @@ def train_members(
             order = order.t().contiguous().to(x.device)  # (n, K): row i = every member's i-th sample
             for start in range(0, n, protocol.batch_size):
                 idx = order[start: start + protocol.batch_size]  # (b, K)
-                out = net(members_input(images[idx], k))  # (b, K*classes)
+                moments = None
+                if table is not None:
+                    moments = (table[0][idx].sum(0), table[1][idx].sum(0), idx.shape[0] * positions)
+                out = net(members_input(images[idx], k), moments)  # (b, K*classes)
                 b = out.shape[0]
                 # mean over b*K, times K: the sum of the members' own mean losses.
                 loss = F.cross_entropy(out.view(b * k, -1), labels[idx].view(b * k)) * k
@@ -130,16 +140,18 @@ def train_members(
 
 
 @torch.inference_mode()
-def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: int, chunk: int = 1000) -> torch.Tensor:
+def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: int, chunk: int = 256) -> torch.Tensor:
     """Test accuracy (in %) of each member of a stacked network on the same images."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(members, device=x.device)
-    for start in range(0, len(x), chunk):
-        xb = x[start: start + chunk]
-        out = net(members_input(xb[:, None].expand(-1, members, -1, -1, -1), members))
-        pred = out.view(len(xb), members, -1).argmax(-1)  # (b, K)
-        correct += (pred == y[start: start + chunk, None]).sum(0)
+    # Small chunks keep activations in cache on a CPU; the heap keeps their pages between chunks.
+    with _KeepHeap():
+        for start in range(0, len(x), chunk):
+            xb = x[start: start + chunk]
+            out = net(members_input(xb[:, None].expand(-1, members, -1, -1, -1), members))
+            pred = out.view(len(xb), members, -1).argmax(-1)  # (b, K)
+            correct += (pred == y[start: start + chunk, None]).sum(0)
     net.train(was_training)
     return correct * 100.0 / len(x)
 
