@@ -10,6 +10,7 @@ import sys
 from typing import Callable, List, Optional
 
 from .errors import KTError
+from .training.recipes import RECIPES
 
 
 def _none_or(kind: Callable):
@@ -81,8 +82,9 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a translator and register it in MLflow")
     add_common(p)
     p.add_argument("--pairs", default="kt-pairs", help="pair folder or generate run id (runs:/ID)")
-    p.add_argument("--arch", default="mixer", help="translator architecture: mixer or mlp")
-    p.add_argument("--recipe", default="paper", help="paper, bn_aware, canonical, perm_augment, functional, best")
+    p.add_argument("--arch", default="mixer",
+                   help="translator architecture: mixer, mlp or channel_set (used unless the recipe names one)")
+    p.add_argument("--recipe", default="paper", help=f"translation recipe: {', '.join(RECIPES)}")
     p.add_argument("--depth", type=_int, default=4, help="layers (paper: 24)")
     p.add_argument("--width", type=_int, default=64, help="embedding width C (paper: 128)")
     p.add_argument("--token-hidden", type=_int, default=128, help="token-mixing hidden width (paper: 256)")
@@ -162,7 +164,8 @@ def _main_parser(sub) -> None:
     p.add_argument("--gen-epochs", type=_int, default=6, help="epochs for each network and small block")
     p.add_argument("--members", type=_int, default=16)
     p.add_argument("--recipe", default="best")
-    p.add_argument("--epochs", type=_int, default=60, help="translator epochs")
+    p.add_argument("--epochs", type=_int, default=200, help="translator epochs")
+    p.add_argument("--batch-size", type=_int, default=16, help="translator batch size (pairs per step)")
     p.add_argument("--registered-name", type=_none_or(str), default=None)
     p.set_defaults(func=_main)
 
@@ -176,7 +179,8 @@ def _main(a: argparse.Namespace) -> None:
     gen = GenerateConfig(output="kt-pairs", family=a.family, dataset=a.dataset, data_root=a.data_root,
                          n_pairs=a.n_pairs, n_val=a.n_val, seed=a.seed, members=a.members, device=a.device,
                          protocol=Protocol(epochs=a.gen_epochs, small_epochs=a.gen_epochs))
-    train = TrainConfig(recipe=a.recipe, epochs=a.epochs, seed=a.seed, device=a.device, val_every=10)
+    train = TrainConfig(recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed, device=a.device,
+                        val_every=10)
     run_main(gen, train, a.registered_name, a.experiment_name)
 
 

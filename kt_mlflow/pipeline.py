@@ -34,7 +34,7 @@ def run_main(gen: GenerateConfig, train: TrainConfig, registered_name: Optional[
         if previous:
             print(f"main: reusing generate run {gen_id} (same parameters)")
 
-        name = registered_name or default_name(gen.family, train.arch)
+        name = registered_name or default_name(gen.family, train.resolved_arch)
         train_params = {**train.as_params(), "pairs": gen_id, "dataset": gen.dataset, "data_root": gen.data_root,
                         "registered_name": name}
         previous = find_finished_run("train", train_params, exp_id)

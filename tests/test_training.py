@@ -12,7 +12,7 @@ from kt_mlflow.pairs.store import load_split
 from kt_mlflow.pairs.trainer import Protocol
 from kt_mlflow.training.augment import check_augmentation, mask_and_noise
 from kt_mlflow.training.recipes import RECIPES
-from kt_mlflow.training.train import NonFiniteLoss, TrainConfig, train_translator
+from kt_mlflow.training.train import FunctionalLoss, NonFiniteLoss, TrainConfig, perturb_large, train_translator
 
 TINY = dict(depth=1, width=16, token_hidden=32, channel_hidden=32, val_every=2, device="cpu")
 
@@ -52,7 +52,58 @@ def test_every_recipe_trains(setup, recipe):
     family, train, val, data = setup
     result = train_translator(TrainConfig(recipe=recipe, epochs=2, **TINY), family, train, val, data, progress=False)
     assert np.isfinite(result.history[-1]["train_loss"])
-    assert ("functional_loss" in result.history[-1]) == (RECIPES[recipe].functional > 0)
+    r = RECIPES[recipe]
+    assert ("functional_loss" in result.history[-1]) == (r.functional > 0 or r.features > 0)
+    assert result.translator.arch == (r.arch or "mixer")
+
+
+def test_functional_loss_is_each_pairs_own_network(setup):
+    """Both terms equal a hand computation with ordinary modules: the pair's own begin/last around the
+    translated block, its own base network as teacher, its large block's output as feature target."""
+    family, train, _, data = setup
+    loss = FunctionalLoss(family, train, data, torch.device("cpu"), bank=40, seed=3)
+    idx = torch.tensor([5, 2])
+    small = {k: torch.randn(2, *v.shape) * 0.2 for k, v in family.small_block().state_dict().items()}
+    kl, feat = loss(small, idx, 12, torch.Generator().manual_seed(9))
+    pick = torch.randint(40, (12,), generator=torch.Generator().manual_seed(9))
+    images = data.train_x[torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(3))[:40]][pick]
+    kls, feats = [], []
+    with torch.no_grad():
+        for j, i in enumerate(idx.tolist()):
+            base = family.base_network().eval()
+            for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
+                getattr(base, part).load_state_dict({k: v[i] for k, v in train.part(name).items()})
+            block = family.small_block().eval()
+            block.load_state_dict({k: v[j] for k, v in small.items()})
+            f = base.begin(images)
+            student_feat, teacher_feat = block(f), base.block(f)
+            student, teacher = base.last(student_feat), base.last(teacher_feat)
+            kls.append(torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                                  reduction="sum"))
+            feats.append((student_feat - teacher_feat).pow(2).sum())
+    torch.testing.assert_close(kl, torch.stack(kls).sum() / 24, rtol=1e-4, atol=1e-5)
+    n_feat = 2 * 12 * family.width * 14 * 14
+    torch.testing.assert_close(feat, torch.stack(feats).sum() / n_feat / loss.out_scale, rtol=1e-4, atol=1e-6)
+    # A teacher given explicitly (here: the pairs' own large blocks) is computed on the fly, same values.
+    own = {k: v[idx] for k, v in train.part("large").items()}
+    again = loss(small, idx, 12, torch.Generator().manual_seed(9), own)
+    torch.testing.assert_close(again[0], kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again[1], feat, rtol=1e-4, atol=1e-6)
+    # ... and a different teacher gives a different target
+    moved = loss(small, idx, 12, torch.Generator().manual_seed(9), perturb_large(own, 0.5, torch.Generator()))
+    assert abs(float(moved[1] - feat)) > 1e-4
+
+
+def test_perturbed_large_blocks_keep_statistics_and_have_the_asked_strength():
+    family = create_family("paper_mnist")
+    large = {k: v[None].expand(400, *v.shape).clone() for k, v in family.large_block().state_dict().items()}
+    large["bn1.weight"] += 1.0  # non-zero everywhere so the relative change is measurable
+    out = perturb_large(large, 0.2, torch.Generator().manual_seed(0))
+    for name in ("bn1.running_mean", "bn1.running_var", "bn2.running_var", "bn1.num_batches_tracked"):
+        assert torch.equal(out[name], large[name])
+    for name in ("conv1.weight", "bn1.weight"):
+        rel = out[name] / large[name] - 1
+        assert abs(float(rel.std()) - 0.2) < 0.01 and abs(float(rel.mean())) < 0.01
 
 
 def test_non_finite_loss_is_reported(setup):

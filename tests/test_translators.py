@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kt_mlflow.blocks import create_family
+from kt_mlflow.blocks.resnet import BasicBlock
 from kt_mlflow.errors import KTError
 from kt_mlflow.translators import MixerTranslator, Translator, create_translator, tokens
 
@@ -45,7 +46,7 @@ def test_mixer_follows_the_spec_shapes():
     assert m(torch.zeros(2, 72, 9)).shape == (2, 36, 9)
 
 
-@pytest.mark.parametrize("arch", ["mixer", "mlp"])
+@pytest.mark.parametrize("arch", ["mixer", "mlp", "channel_set"])
 def test_translate_compress_save_load(tmp_path, arch):
     fam = create_family("paper_mnist")
     tr = create_translator(arch, fam, bn_aware=True, depth=2, width=16)
@@ -67,7 +68,7 @@ def test_translator_errors_are_one_line_and_say_what_was_expected(tmp_path):
     tr = create_translator("mixer", fam, depth=1, width=8)
     with pytest.raises(KTError, match="not a paper_mnist base network"):
         tr.compress(create_family("paper_mnist").compressed_network())
-    with pytest.raises(KTError, match="choose one of: mixer, mlp"):
+    with pytest.raises(KTError, match="choose one of: channel_set, mixer, mlp"):
         create_translator("transformer", fam)
     with pytest.raises(KTError, match="does not hold a saved translator"):
         Translator.load(tmp_path)
@@ -96,3 +97,38 @@ def test_compress_file_rejects_bad_networks(tmp_path, monkeypatch):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(KTError, match="not a readable state dict"):
         compress.compress_file("any", tmp_path / "junk.pt", tmp_path / "x.pt")
+
+
+def _random_large_blocks(family, p: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(p, *v.shape, generator=g) for k, v in family.large_block().state_dict().items()
+             if v.is_floating_point()}
+    return {k: (v.abs() + 0.5 if "running_var" in k else v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("family_name", ["paper_mnist", "wide_mnist"])
+def test_channel_set_follows_the_block_symmetries(family_name):
+    """Permuting the large block's hidden channels changes nothing; permuting its residual channels
+    permutes the small block's residual channels the same way (inputs of conv1, outputs of conv2)."""
+    fam = create_family(family_name)
+    tr = create_translator("channel_set", fam, bn_aware=True, depth=2, width=16)
+    with torch.no_grad():  # non-trivial standardisation, as after training
+        tr.net.in_mean.normal_()
+        tr.net.out_std.uniform_(0.5, 2.0)
+    large = _random_large_blocks(fam, 4)
+    base = tr.translate_batch(large)
+    hidden = torch.stack([torch.randperm(fam.large_hidden) for _ in range(4)])
+    same = tr.translate_batch(BasicBlock.permute_hidden(large, hidden))
+    for k in base:
+        torch.testing.assert_close(same[k], base[k], rtol=1e-5, atol=1e-5)
+    r = torch.randperm(fam.width)
+    moved = dict(large)
+    moved["conv1.weight"] = large["conv1.weight"][:, :, r]
+    for name in ("conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"):
+        moved[name] = large[name][:, r]
+    out = tr.translate_batch(moved)
+    torch.testing.assert_close(out["conv1.weight"], base["conv1.weight"][:, :, r], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["conv2.weight"], base["conv2.weight"][:, r], rtol=1e-5, atol=1e-5)
+    # and it is not a constant map: different blocks give different translations
+    other = tr.translate_batch(_random_large_blocks(fam, 4, seed=1))
+    assert (other["conv1.weight"] - base["conv1.weight"]).abs().max() > 1e-3

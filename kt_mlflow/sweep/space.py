@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 from ..errors import KTError
 from ..training.augment import TARGETS
 from ..training.train import TrainConfig
+from ..translators import ARCHITECTURES
 
 
 def parse_choices(text: Optional[str]) -> Optional[List[int]]:
@@ -91,8 +92,7 @@ class SearchSpace:
                 raise KTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.augment_on not in TARGETS:
             raise KTError(f"--augment-on must be one of {', '.join(TARGETS)}, got {self.augment_on!r}.")
-        if self.arch not in ("mixer", "mlp"):
-            raise KTError(f"--arch must be mixer or mlp, got {self.arch!r}.")
+        ARCHITECTURES.get(self.arch)  # an unknown name fails with the list of known ones
         # the fixed settings are checked the way `kt train` checks them
         self.config({"depth": self.depth_min, "width": (self.width_options() or [self.width_min])[0],
                      "mask_ratio": 0.0, "noise_std": 0.0, "epochs": self.epochs_min, "lr": self.lr_min}).validate()

@@ -19,6 +19,7 @@ import sys
 from typing import Dict, List, Optional
 
 from ..errors import KTError
+from ..training.recipes import RECIPES, get_recipe
 from .space import SearchSpace, parse_choices
 
 
@@ -57,7 +58,7 @@ def run_sweep(space: SearchSpace, pairs: str, dataset: str = "digits", data_root
     family = create_family(train.settings["family"])
     data = load_dataset(dataset, data_root)
     device = pick_device(space.device)
-    name = registered_name or default_name(family.name, space.arch)
+    name = registered_name or default_name(family.name, get_recipe(space.recipe).arch or space.arch)
     digest = st.val_digest(folder, dataset)
     from ..pairs.store import digest as folder_digest
     pairs_digest = folder_digest(folder)
@@ -202,8 +203,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", type=_none_or(_int), default=None,
                    help="seconds without heartbeat before a trial counts as failed (default 2 x interval)")
     p.add_argument("--max-retry", type=_int, default=3, help="times a failed (killed) trial is re-queued")
-    p.add_argument("--arch", default=d.arch, help="translator architecture: mixer or mlp")
-    p.add_argument("--recipe", default=d.recipe, help="paper, bn_aware, canonical, perm_augment, functional, best")
+    p.add_argument("--arch", default=d.arch, help="translator architecture: mixer, mlp or channel_set (unless the recipe names one)")
+    p.add_argument("--recipe", default=d.recipe, help=f"translation recipe: {', '.join(RECIPES)}")
     p.add_argument("--depth-min", type=_int, default=d.depth_min)
     p.add_argument("--depth-max", type=_int, default=d.depth_max, help="paper: 24")
     p.add_argument("--width-min", type=_int, default=d.width_min, help="embedding width C, searched log-uniformly")

@@ -18,7 +18,11 @@ class Recipe:
     canonical: bool = False       # regress canonical (order, scale) small-block weights
     perm_augment: bool = False    # permute the large block's hidden channels (function-preserving)
     standardize: bool = False     # per-feature standardisation of translator inputs and outputs
-    functional: float = 0.0       # weight of the functional (distillation) loss; 0 = parameter MSE only
+    arch: str = ""                # translator architecture the recipe needs ("" = the --arch choice)
+    param: float = 1.0            # weight of the parameter MSE (the paper's loss)
+    functional: float = 0.0       # weight of the prediction KL to the pair's base network (distillation)
+    features: float = 0.0         # weight of the relative MSE to the large block's output features
+    perturb: float = 0.0          # perturb each large block (relative noise), teacher recomputed from it
 
     def as_params(self) -> Dict[str, object]:
         return {f"recipe_{k}" if k != "name" else "recipe": v for k, v in asdict(self).items()}
@@ -30,8 +34,16 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     replace(PAPER, name="bn_aware", bn_aware=True, standardize=True),
     replace(PAPER, name="canonical", canonical=True, standardize=True),
     replace(PAPER, name="perm_augment", perm_augment=True, standardize=True),
-    replace(PAPER, name="functional", functional=1.0, standardize=True),
-    Recipe("best", bn_aware=True, canonical=True, perm_augment=True, standardize=True, functional=1.0),
+    # The symmetries built into the translator rather than taught: channel_set is equivariant to
+    # residual-channel and invariant to hidden-channel permutations by construction.
+    replace(PAPER, name="equivariant", arch="channel_set", standardize=True),
+    replace(PAPER, name="functional", functional=1.0, features=1.0, standardize=True),
+    # All together, plus perturbed large blocks with recomputed teachers (new networks to translate,
+    # which only the functional loss makes possible). The parameter MSE is dropped (it pulls towards one
+    # arbitrary member of each target's symmetry class; canonical targets then do not matter), and
+    # perm_augment is left out: channel_set is invariant to those permutations already.
+    Recipe("best", bn_aware=True, standardize=True, arch="channel_set", param=0.0, functional=1.0,
+           features=1.0, perturb=0.2),
 )}
 
 

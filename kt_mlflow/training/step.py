@@ -35,7 +35,7 @@ def run_train(cfg: TrainConfig, pairs: str, dataset: str = "digits", data_root: 
     folder, train, val = load_pairs(pairs, dataset)
     family = create_family(train.settings["family"])
     data = load_dataset(dataset, data_root)
-    name = registered_name or default_name(family.name, cfg.arch)
+    name = registered_name or default_name(family.name, cfg.resolved_arch)
     params = {**cfg.as_params(), "pairs": pairs, "dataset": dataset, "data_root": data_root,
               "registered_name": name, "family": family.name, "n_train_pairs": len(train), "n_val": len(val)}
     with step_run("train", params, run_name="train", nested=nested, experiment=experiment) as run:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +67,21 @@ class TrainConfig:
         if self.lr <= 0 or self.weight_decay < 0:
             raise KTError("--lr must be > 0 and --weight-decay >= 0.")
 
+    @property
+    def resolved_arch(self) -> str:
+        """The architecture trained: the recipe's when it needs one, else ``arch``."""
+        return get_recipe(self.recipe).arch or self.arch
+
     def arch_kwargs(self) -> Dict[str, object]:
         kw = {"depth": self.depth, "width": self.width, "dropout": self.dropout}
-        if self.arch == "mixer":
+        if self.resolved_arch == "mixer":
             kw.update(token_hidden=self.token_hidden, channel_hidden=self.channel_hidden)
+        elif self.resolved_arch == "channel_set":
+            kw.update(channel_hidden=self.channel_hidden)
         return kw
 
     def as_params(self) -> Dict[str, object]:
-        return {**asdict(self), **get_recipe(self.recipe).as_params()}
+        return {**asdict(self), **get_recipe(self.recipe).as_params(), "resolved_arch": self.resolved_arch}
 
 
 @dataclass
@@ -107,24 +114,30 @@ def param_loss(family: BlockFamily, pred: torch.Tensor, target: torch.Tensor) ->
 
 
 class FunctionalLoss:
-    """KL(base network || network with the translated block) on training images, per pair.
+    """What the translated block does, per pair, on training images (translator training only).
 
-    Each pair's own begin and last blocks (frozen, eval-mode BN) sandwich the translated small block;
-    the teacher is the pair's own base network. The begin features and teacher logits of a fixed bank
-    of training images are computed once, so a step only runs the small and last blocks. Only translator
-    training sees images; translation itself stays data-free.
+    Each pair's own begin and last blocks (frozen, eval-mode BN) sandwich the translated small block.
+    Two terms: KL(base network || network with the translated block) on the predictions, and the MSE
+    between the translated block's output features and the large block's (relative to the features'
+    mean square). Begin features, large-block features and teacher logits of a fixed bank of training
+    images are computed once, so a step only runs the small and last blocks. Translation itself stays
+    data-free.
     """
 
     def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device, bank: int,
                  seed: int, chunk: int = 32) -> None:
         self.family, self.device = family, device
-        # Keep the feature bank within ~2 GB: fewer images per pair when there are many pairs.
-        per_image = 4 * family.width * (data.train_x.shape[-1] // 2) ** 2
+        # Keep the feature banks within ~2 GB: fewer images per pair when there are many pairs.
+        per_image = 2 * 4 * family.width * (data.train_x.shape[-1] // 2) ** 2
         bank = max(16, min(bank, (2 << 30) // max(1, len(train) * per_image)))
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
         x = data.train_x[pick].to(device)
         m, n = len(x), len(train)
-        feats, teacher = [], []
+        feats, outs, teacher = [], [], []
+
+        def per_pair(t: torch.Tensor, k: int) -> torch.Tensor:  # (m, k*C, H, W) -> (k, m, C, H, W)
+            return t.reshape(m, k, -1, *t.shape[2:]).transpose(0, 1)
+
         with torch.no_grad():
             for lo in range(0, n, chunk):
                 sl = slice(lo, min(n, lo + chunk))
@@ -133,30 +146,66 @@ class FunctionalLoss:
                 for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
                     getattr(net, part).load_state_dict(fold_members({a: b.to(device) for a, b in train.part(name).items()}, sl))
                 f = net.begin(x.expand(-1, k, -1, -1))                                   # (m, k*C, H, W)
-                teacher.append(net.last(net.block(f)).view(m, k, -1).transpose(0, 1))    # (k, m, classes)
-                feats.append(f.reshape(m, k, -1, *f.shape[2:]).transpose(0, 1))         # (k, m, C, H, W)
-        self.feats, self.teacher = torch.cat(feats), torch.cat(teacher)
+                out = net.block(f)
+                teacher.append(net.last(out).view(m, k, -1).transpose(0, 1))            # (k, m, classes)
+                feats.append(per_pair(f, k))
+                outs.append(per_pair(out, k))
+        self.feats, self.outs, self.teacher = torch.cat(feats), torch.cat(outs), torch.cat(teacher)
+        self.out_scale = float(self.outs.pow(2).mean().clamp_min(1e-12))
         self.last = {k: v.to(device) for k, v in train.part("last").items()}
-        self._nets: Dict[int, torch.nn.Module] = {}
+        self._nets: Dict[int, KTNetwork] = {}
 
-    def _net(self, k: int) -> torch.nn.Module:
-        """small block -> last block for k members (begin features are precomputed)."""
+    def _net(self, k: int) -> KTNetwork:
         if k not in self._nets:
             self._nets[k] = KTNetwork(torch.nn.Identity(), self.family.small_block(k), self.family.last(k), k)
             self._nets[k].to(self.device).eval()
         return self._nets[k]
 
     def __call__(self, small: Dict[str, torch.Tensor], idx: torch.Tensor, n_images: int,
-                 gen: torch.Generator) -> torch.Tensor:
+                 gen: torch.Generator, large: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(prediction KL, relative feature MSE) of the translated ``small`` blocks of pairs ``idx``.
+
+        ``large`` (stacked, one per pair in ``idx``) replaces the pairs' own large blocks as the teacher,
+        e.g. perturbed copies; the teacher is then computed on the fly instead of read from the bank.
+        """
         k = len(idx)
         pick = torch.randint(self.feats.shape[1], (n_images,), generator=gen).to(self.device)
-        f = self.feats[idx][:, pick].transpose(0, 1)                                  # (n, k, C, H, W)
-        x = f.reshape(n_images, -1, *f.shape[3:]).contiguous(memory_format=torch.channels_last)
-        state = {**{f"block.{n}": t for n, t in fold_members(small).items()},
-                 **{f"last.{n}": t for n, t in fold_members({a: b[idx] for a, b in self.last.items()}).items()}}
-        student = functional_call(self._net(k), state, (x,)).view(n_images * k, -1)
-        teacher = self.teacher[idx][:, pick].transpose(0, 1).reshape(n_images * k, -1)
-        return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+
+        def members(bank: torch.Tensor) -> torch.Tensor:  # (P, m, C, H, W) -> (n, k*C, H, W)
+            f = bank[idx][:, pick].transpose(0, 1)
+            return f.reshape(n_images, -1, *f.shape[3:]).contiguous(memory_format=torch.channels_last)
+
+        net, feats = self._net(k), members(self.feats)
+        last = fold_members({a: b[idx] for a, b in self.last.items()})
+        out = functional_call(net.block, fold_members(small), (feats,))
+        student = functional_call(net.last, last, (out,))
+        if large is None:
+            target = members(self.outs)
+            teacher = self.teacher[idx][:, pick].transpose(0, 1).reshape(n_images * k, -1)
+        else:
+            with torch.no_grad():
+                target = functional_call(self._teacher_block(k), fold_members(large), (feats,))
+                teacher = functional_call(net.last, last, (target,)).view(n_images * k, -1)
+        kl = F.kl_div(F.log_softmax(student.view(n_images * k, -1), -1), F.log_softmax(teacher, -1),
+                      log_target=True, reduction="batchmean")
+        return kl, F.mse_loss(out, target) / self.out_scale
+
+    def _teacher_block(self, k: int) -> torch.nn.Module:
+        if -k not in self._nets:  # negative keys: large blocks, positive: small-block networks
+            self._nets[-k] = self.family.large_block(k).to(self.device).eval()
+        return self._nets[-k]
+
+
+def perturb_large(large: Dict[str, torch.Tensor], strength: float, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """A new large block near each given one: conv weights and BN affine parameters multiplied by
+    ``1 + strength * N(0, 1)`` element-wise (BN statistics kept). With a teacher recomputed from it,
+    this is a new, slightly different network to translate: unlimited examples of the same task."""
+    out = dict(large)
+    for name, t in large.items():
+        if t.is_floating_point() and name.endswith((".weight", ".bias")):  # not the BN running statistics
+            noise = torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
+            out[name] = t * (1 + strength * noise)
+    return out
 
 
 def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet, data,
@@ -176,7 +225,7 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
     target = tokens.encode_target(family, small)                      # (P, T_out, D_out)
     source = tokens.encode_source(family, large, recipe.bn_aware)     # (P, T_in, D_in), reused without perms
 
-    translator = create_translator(cfg.arch, family, bn_aware=recipe.bn_aware, **cfg.arch_kwargs())
+    translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, **cfg.arch_kwargs())
     net = translator.net.to(device)
     if recipe.standardize:
         net.in_mean.copy_(source.mean((0, 1)))
@@ -184,7 +233,7 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
         net.out_mean.copy_(target.mean((0, 1)))
         net.out_std.copy_(target.std((0, 1)).clamp_min(1e-6))
     functional = (FunctionalLoss(family, train, data, device, cfg.functional_bank, cfg.seed)
-                  if recipe.functional > 0 else None)
+                  if recipe.functional > 0 or recipe.features > 0 else None)
 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -200,15 +249,22 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
         total, fn_total, steps = 0.0, 0.0, 0
         for start in range(0, n, cfg.batch_size):
             idx = order[start: start + cfg.batch_size]
-            src = tokens.encode_source(family, _permuted(family, {k: v[idx] for k, v in large.items()}, gen),
-                                       recipe.bn_aware) if recipe.perm_augment else source[idx]
+            batch_large = None
+            if recipe.perturb > 0:
+                batch_large = perturb_large({k: v[idx] for k, v in large.items()}, recipe.perturb, gen)
+            if recipe.perm_augment:
+                batch_large = _permuted(family, batch_large or {k: v[idx] for k, v in large.items()}, gen)
+            src = source[idx] if batch_large is None else tokens.encode_source(family, batch_large, recipe.bn_aware)
             src, dst = augment_pair(src, target[idx], cfg.mask_ratio, cfg.noise_std, cfg.augment_on)
             pred = net(src)
-            loss = param_loss(family, pred, dst)
+            loss = recipe.param * param_loss(family, pred, dst) if recipe.param > 0 else pred.new_zeros(())
             if functional is not None:
                 sub = idx[: cfg.functional_pairs]
-                fn = functional(tokens.decode_target(family, pred[: len(sub)]), sub, cfg.functional_images, gen)
-                loss = loss + recipe.functional * fn
+                teacher = None if recipe.perturb == 0 else {k: v[: len(sub)] for k, v in batch_large.items()}
+                kl, feat = functional(tokens.decode_target(family, pred[: len(sub)]), sub, cfg.functional_images, gen,
+                                      teacher)
+                fn = recipe.functional * kl + recipe.features * feat
+                loss = loss + fn
                 fn_total += float(fn.detach())
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"translator loss became {float(loss)} at epoch {epoch}; lower --lr or "

@@ -11,13 +11,15 @@ Example:
 from __future__ import annotations
 
 from ..registry import Registry
+from .channel_set import ChannelSetTranslator
 from .mixer import MixerTranslator
 from .mlp import MLPTranslator
 
 ARCHITECTURES = Registry("translator architecture")
 ARCHITECTURES.register("mixer")(MixerTranslator)
 ARCHITECTURES.register("mlp")(MLPTranslator)
+ARCHITECTURES.register("channel_set")(ChannelSetTranslator)
 
 from .translator import Translator, create_translator  # noqa: E402
 
-__all__ = ["ARCHITECTURES", "Translator", "create_translator", "MixerTranslator", "MLPTranslator"]
+__all__ = ["ARCHITECTURES", "Translator", "create_translator", "MixerTranslator", "MLPTranslator", "ChannelSetTranslator"]

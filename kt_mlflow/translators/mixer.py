@@ -33,7 +33,7 @@ class MixerTranslator(nn.Module):
     """
 
     def __init__(self, in_tokens: int, in_dim: int, out_tokens: int, out_dim: int, depth: int = 24,
-                 width: int = 128, token_hidden: int = 256, channel_hidden: int = 512, dropout: float = 0.1) -> None:
+                 width: int = 128, token_hidden: int = 256, channel_hidden: int = 512, dropout: float = 0.1, **_: object) -> None:
         super().__init__()
         self.embed = nn.Linear(in_dim, width)
         self.layers = nn.Sequential(*[MixerLayer(in_tokens, width, token_hidden, channel_hidden, dropout)

@@ -46,8 +46,8 @@ class Translator:
             raise KTError(f"family {family.name}: the small block has parameters {sorted(small_keys - set(dst.keys))} "
                           f"that are not conv weights; a translator can only write conv weights.")
         self.net = net or TranslatorNet(
-            ARCHITECTURES.create(arch, in_tokens=src.tokens, in_dim=src.dim, out_tokens=dst.tokens,
-                                 out_dim=dst.dim, **self.arch_kwargs), src.dim, dst.dim)
+            ARCHITECTURES.create(arch, in_tokens=src.tokens, in_dim=src.dim, out_tokens=dst.tokens, out_dim=dst.dim,
+                                 src_shapes=src.shapes, dst_shapes=dst.shapes, **self.arch_kwargs), src.dim, dst.dim)
 
     @property
     def device(self) -> torch.device:

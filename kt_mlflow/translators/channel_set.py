@@ -1,0 +1,79 @@
+"""A translator that knows which channel each weight connects: equivariant by construction.
+
+A residual block's channels carry no fixed meaning from one trained network to the next: permuting
+the residual channels (with the blocks around it) or the large block's hidden channels leaves the
+network's function unchanged. A Mixer over fixed token positions has to learn that from examples;
+this translator cannot get it wrong. It reads the large block as a grid of edges (hidden channel h,
+residual channel r), each edge holding conv1's kernel h<-r and conv2's kernel r<-h (plus BN shifts
+when the source is BN-aware), mixes every edge with the means over its row, its column and the whole
+grid (a permutation-equivariant layer), and writes small hidden channel m as a learned soft choice
+over large hidden channels: ``conv1'[m, r] = sum_h a[m, h] f1(e[h, r], q_m)`` and likewise conv2'.
+So the output follows any permutation of the residual channels and ignores any of the hidden ones.
+
+Example:
+    >>> net = ChannelSetTranslator(72, 10, 36, 9, src_shapes=((6, 6, 3, 3), (6, 6, 3, 3)),
+    ...                            dst_shapes=((3, 6, 3, 3), (6, 3, 3, 3)), depth=2, width=32)
+    >>> net(torch.zeros(4, 72, 10)).shape
+    torch.Size([4, 36, 9])
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import KTError
+
+
+class EdgeLayer(nn.Module):
+    """e[h, r] += MLP([e[h, r], mean_r e[h], mean_h e[:, r], mean e]): equivariant in h and r."""
+
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(4 * width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:  # (B, H, R, C)
+        x = self.norm(e)
+        row, col = x.mean(2, keepdim=True), x.mean(1, keepdim=True)
+        pooled = [x, row.expand_as(x), col.expand_as(x), x.mean((1, 2), keepdim=True).expand_as(x)]
+        return e + self.mlp(torch.cat(pooled, -1))
+
+
+class ChannelSetTranslator(nn.Module):
+    """(B, T_in, D_in) tokens of a two-conv block -> (B, T_out, D_out) tokens of a narrower one."""
+
+    def __init__(self, in_tokens: int, in_dim: int, out_tokens: int, out_dim: int,
+                 src_shapes: Sequence[Tuple[int, ...]] = (), dst_shapes: Sequence[Tuple[int, ...]] = (),
+                 depth: int = 4, width: int = 64, channel_hidden: int = 128, dropout: float = 0.0, **_: object) -> None:
+        super().__init__()
+        if len(src_shapes) != 2 or len(dst_shapes) != 2:
+            raise KTError("the channel_set translator needs a block of two convs (in -> hidden -> in) on both sides.")
+        (hid, res), (res2, hid2) = src_shapes[0][:2], src_shapes[1][:2]
+        (m, res3), (res4, m2) = dst_shapes[0][:2], dst_shapes[1][:2]
+        if not (hid == hid2 and res == res2 == res3 == res4 and m == m2):
+            raise KTError(f"channel_set translator: block shapes {src_shapes} -> {dst_shapes} are not "
+                          f"in -> hidden -> in convs with the same residual width.")
+        self.hidden, self.residual, self.small_hidden, self.out_dim = hid, res, m, out_dim
+        self.edge_dim = 2 * in_dim
+        self.embed = nn.Linear(self.edge_dim, width)
+        self.layers = nn.Sequential(*[EdgeLayer(width, channel_hidden, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.queries = nn.Parameter(torch.randn(m, width) / width ** 0.5)  # one per small hidden channel
+        self.key = nn.Linear(width, width)
+        self.write = nn.Sequential(nn.Linear(2 * width, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, 2 * out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, r, m = x.shape[0], self.hidden, self.residual, self.small_hidden
+        conv1 = x[:, : h * r].reshape(b, h, r, -1)                  # kernel h <- r
+        conv2 = x[:, h * r:].reshape(b, r, h, -1).transpose(1, 2)   # kernel r <- h, as (h, r)
+        e = self.norm(self.layers(self.embed(torch.cat([conv1, conv2], -1))))  # (B, H, R, C)
+        # Soft choice of large hidden channels for each small one, from each hidden channel's summary.
+        logits = torch.einsum("mc,bhc->bmh", self.queries, self.key(e.mean(2))) / e.shape[-1] ** 0.5
+        choice = logits.softmax(-1)                                           # (B, M, H)
+        q = self.queries[None, :, None, None, :].expand(b, m, h, r, -1)
+        kern = self.write(torch.cat([e[:, None].expand(-1, m, -1, -1, -1), q], -1))  # (B, M, H, R, 2*D)
+        kern = torch.einsum("bmh,bmhrd->bmrd", choice, kern)                 # (B, M, R, 2*D)
+        k1, k2 = kern[..., : self.out_dim], kern[..., self.out_dim:]
+        return torch.cat([k1.reshape(b, m * r, -1), k2.transpose(1, 2).reshape(b, r * m, -1)], 1)
