@@ -15,7 +15,6 @@ import time
 
 import mlflow
 import pandas as pd
-import torch
 import plotly.graph_objects as go
 
 from kt_mlflow.blocks import create_family
@@ -64,15 +63,6 @@ def main(argv=None) -> None:
     print("command: python benchmarks/ablation.py " + " ".join(sys.argv[1:]), flush=True)
 
     _, train, val = load_pairs(a.pairs, a.dataset)
-    # The evaluation networks must not choose the translator: keep a slice of the training networks
-    # for picking the best epoch, so the held-out networks are used once, for the table.
-    select = val
-    if a.select_holdout:
-        if not 0 < a.select_holdout < len(train):
-            raise SystemExit(f"--select-holdout must be between 1 and {len(train) - 1} (there are {len(train)} "
-                             f"training pairs), got {a.select_holdout}.")
-        select = train.subset(torch.arange(len(train) - a.select_holdout, len(train)))
-        train = train.subset(torch.arange(len(train) - a.select_holdout))
     family = create_family(train.settings["family"])
     data = load_dataset(a.dataset, a.data_root)
     device = pick_device(a.device)
@@ -80,13 +70,13 @@ def main(argv=None) -> None:
     methods = {name: make_baseline(name, family, large, seed=a.seed) for name in BASELINES}
     mlflow.set_experiment("kt-ablation")
     with mlflow.start_run(run_name="ablation"):
-        mlflow.log_params({**vars(a), "n_train_pairs": len(train), "n_select": len(select), "n_val": len(val)})
+        mlflow.log_params({**vars(a), "n_train_pairs": len(train) - a.select_holdout, "n_val": len(val)})
         for recipe in a.recipes.split(","):
             cfg = TrainConfig(recipe=recipe, epochs=a.epochs, batch_size=a.batch_size, depth=a.depth,
                               width=a.width, token_hidden=2 * a.width, channel_hidden=4 * a.width,
-                              val_every=a.val_every, seed=a.seed, device=a.device)
+                              val_every=a.val_every, seed=a.seed, device=a.device, select_holdout=a.select_holdout)
             start = time.perf_counter()
-            result = train_translator(cfg, family, train, select, data)
+            result = train_translator(cfg, family, train, val, data)
             methods[f"kt_{recipe}"] = result.translator.translate_batch(large)
             mlflow.log_metric(f"kt_{recipe}_train_seconds", time.perf_counter() - start)
             print(f"{recipe}: best selection-set mean {result.best['val_acc_mean']:.2f} (epoch "

@@ -98,6 +98,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise sigma")
     p.add_argument("--augment-on", default="source", help="source, target or both")
     p.add_argument("--val-every", type=_int, default=10, help="epochs between functional validations")
+    p.add_argument("--select-holdout", type=_int, default=0,
+                   help="training pairs held out to pick the kept epoch (0: pick on the validation networks, "
+                        "which then flatters their evaluation)")
     p.add_argument("--registered-name", type=_none_or(str), default=None,
                    help="registered model name (default kt-<family>-<arch>)")
     p.set_defaults(func=_train)
@@ -110,7 +113,7 @@ def train_config(a: argparse.Namespace):
         arch=a.arch, depth=a.depth, width=a.width, token_hidden=a.token_hidden, channel_hidden=a.channel_hidden,
         dropout=a.dropout, recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         weight_decay=a.weight_decay, mask_ratio=a.mask_ratio, noise_std=a.noise_std, augment_on=a.augment_on,
-        val_every=a.val_every, seed=a.seed, device=a.device,
+        val_every=a.val_every, seed=a.seed, device=a.device, select_holdout=a.select_holdout,
     )
 
 

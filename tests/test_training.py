@@ -47,6 +47,19 @@ def test_training_lowers_the_loss_and_keeps_the_best_translator(setup):
     assert abs(float(acc.mean()) - result.best["val_acc_mean"]) < 1e-3
 
 
+def test_select_holdout_picks_the_epoch_on_held_out_training_pairs(setup):
+    family, train, val, data = setup
+    cfg = TrainConfig(epochs=4, select_holdout=3, **TINY)
+    result = train_translator(cfg, family, train, val, data, progress=False)
+    held = train.subset(torch.arange(len(train) - 3, len(train)))
+    acc = network_accuracy(family, held.part("begin"), result.translator.translate_batch(held.part("large")),
+                           held.part("last"), data)
+    assert abs(float(acc.mean()) - result.best["val_acc_mean"]) < 1e-3
+    with pytest.raises(KTError, match="leaves no training pairs"):
+        train_translator(TrainConfig(epochs=1, select_holdout=len(train), **TINY), family, train, val, data,
+                         progress=False)
+
+
 @pytest.mark.parametrize("recipe", sorted(set(RECIPES) - {"paper"}))
 def test_every_recipe_trains(setup, recipe):
     family, train, val, data = setup

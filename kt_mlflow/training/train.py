@@ -53,12 +53,15 @@ class TrainConfig:
     functional_pairs: int = 64     # pairs per step that get the functional loss
     functional_images: int = 64    # training images per step for the functional loss
     functional_bank: int = 512     # training images whose begin features are precomputed per pair
+    select_holdout: int = 0        # training pairs held out to pick the best epoch (0: the validation networks)
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
         check_augmentation(self.mask_ratio, self.noise_std, self.augment_on)
         get_recipe(self.recipe)
+        if self.select_holdout < 0:
+            raise KTError(f"--select-holdout must be >= 0, got {self.select_holdout}.")
         for name in ("depth", "width", "token_hidden", "channel_hidden", "epochs", "batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise KTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
@@ -211,8 +214,18 @@ def perturb_large(large: Dict[str, torch.Tensor], strength: float, gen: torch.Ge
 def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet, data,
                      on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
                      progress: bool = True) -> TrainResult:
-    """Train a translator on ``train`` pairs; validate functionally on ``val`` networks."""
+    """Train a translator on ``train`` pairs; validate functionally on ``val`` networks.
+
+    With ``cfg.select_holdout = N`` the last N training pairs are held out instead and validation (which
+    picks the kept epoch) runs on them, so ``val`` is left for an evaluation that nothing was tuned on.
+    """
     cfg.validate()
+    if cfg.select_holdout:
+        if cfg.select_holdout >= len(train):
+            raise KTError(f"--select-holdout {cfg.select_holdout} leaves no training pairs (there are {len(train)}); "
+                          f"hold out fewer.")
+        n_fit = len(train) - cfg.select_holdout
+        train, val = train.subset(torch.arange(n_fit)), train.subset(torch.arange(n_fit, len(train)))
     recipe = get_recipe(cfg.recipe)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
