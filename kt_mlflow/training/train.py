@@ -280,7 +280,7 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
                 loss = loss + fn
                 fn_total += float(fn.detach())
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"translator loss became {float(loss)} at epoch {epoch}; lower --lr or "
+                raise NonFiniteLoss(f"translator loss became {float(loss.detach())} at epoch {epoch}; lower --lr or "
                                     f"the augmentation strength.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
