@@ -60,6 +60,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    if a.finetune_from not in a.recipes.split(","):
+        p.error(f"--finetune-from {a.finetune_from} is not among --recipes {a.recipes}; add it or pick one of those.")
     print("command: python benchmarks/ablation.py " + " ".join(sys.argv[1:]), flush=True)
 
     _, train, val = load_pairs(a.pairs, a.dataset)

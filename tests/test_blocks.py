@@ -61,6 +61,27 @@ def test_begin_block_bn_shortcuts_are_exact(members):
     torch.testing.assert_close(fast(x), _textbook_begin(ref, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("which", ["base", "compressed"])
+@pytest.mark.parametrize("training", [True, False])
+def test_network_computes_only_the_positions_the_last_block_reads(which, training):
+    """``KTNetwork`` asks the block for every stride-th position only: same outputs, gradients and BN
+    statistics as the whole block followed by the last block's own subsampling (float64)."""
+    torch.manual_seed(1)
+    fam = create_family("paper_mnist")
+    nets = [getattr(fam, f"{which}_network")(members=2).double().train(training) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(5, 2, 28, 28, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    fast = nets[0](x)
+    slow = nets[1].last(nets[1].block(nets[1].begin(x)))
+    torch.testing.assert_close(fast, slow)
+    fast.sin().sum().backward()
+    slow.sin().sum().backward()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(nets[0].named_buffers(), nets[1].buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_init_pair_is_a_function_of_the_seed():
     fam = create_family("paper_mnist")
     a, b, c = fam.init_pair(1), fam.init_pair(1), fam.init_pair(2)
@@ -148,3 +169,28 @@ def test_check_block_state_errors_name_the_problem():
         fam.check_block_state(bad, "large")
     with pytest.raises(KTError, match=r"expected \(6, 6, 3, 3\)"):
         fam.check_block_state(dict(state, **{"conv1.weight": torch.zeros(3, 6, 3, 3)}), "large")
+
+
+def test_small_block_grad_leak_changes_gradients_only():
+    """``grad_leak``: same outputs; below zero the hidden ReLU passes ``slope`` times the gradient, so a
+    small block whose hidden units are all off still gets a gradient (none with a plain ReLU)."""
+    torch.manual_seed(0)
+    blocks = [BottleneckBlock(4, 2, 3).double() for _ in range(2)]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    with torch.no_grad():
+        for b in blocks:
+            b.conv1.weight.copy_(-b.conv1.weight.abs())  # every unit off on non-negative inputs
+    blocks[1].grad_leak = 0.1
+    x = torch.rand(3, 4, 6, 6, dtype=torch.float64)
+    outs = [b(x) for b in blocks]
+    torch.testing.assert_close(outs[0], outs[1])
+    for out in outs:
+        out.sum().backward()
+    assert blocks[0].conv1.weight.grad.abs().max() == 0
+    assert blocks[1].conv1.weight.grad.abs().max() > 0
+    from kt_mlflow.blocks.resnet import relu_leaky_grad
+    z = torch.tensor([-2.0, -0.5, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    y = relu_leaky_grad(z, 0.1)
+    y.sum().backward()
+    torch.testing.assert_close(y, torch.relu(z))
+    torch.testing.assert_close(z.grad, torch.tensor([0.1, 0.1, 1.0, 1.0], dtype=torch.float64))

@@ -12,7 +12,7 @@ from kt_mlflow.pairs.store import load_split
 from kt_mlflow.pairs.trainer import Protocol
 from kt_mlflow.training.augment import check_augmentation, mask_and_noise
 from kt_mlflow.training.recipes import RECIPES
-from kt_mlflow.training.train import FunctionalLoss, NonFiniteLoss, TrainConfig, perturb_large, train_translator
+from kt_mlflow.training.train import FunctionalLoss, NonFiniteLoss, TrainConfig, perturb_params, train_translator
 
 TINY = dict(depth=1, width=16, token_hidden=32, channel_hidden=32, val_every=2, device="cpu")
 
@@ -70,6 +70,34 @@ def test_every_recipe_trains(setup, recipe):
     assert result.translator.arch == (r.arch or "mixer")
 
 
+def _check_by_hand(family, loss, kl, feat, nets, small, images):
+    """Both terms of ``FunctionalLoss`` computed with ordinary modules: each base network in ``nets``
+    (per pair: begin, large, last states) with its own translated block ``small[j]``."""
+    kls, feats = [], []
+    with torch.no_grad():
+        for j, states in enumerate(nets):
+            base = family.base_network().eval()
+            for part, state in zip(("begin", "block", "last"), states):
+                getattr(base, part).load_state_dict(state)
+            block = family.small_block().eval()
+            block.load_state_dict({k: v[j] for k, v in small.items()})
+            f = base.begin(images)
+            student_feat, teacher_feat = block(f), base.block(f)
+            student, teacher = base.last(student_feat), base.last(teacher_feat)
+            kls.append(torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                                  reduction="sum"))
+            feats.append((student_feat - teacher_feat)[:, :, ::2, ::2].pow(2).sum())  # where the last block reads
+    n = len(nets) * len(images)
+    torch.testing.assert_close(kl, torch.stack(kls).sum() / n, rtol=1e-4, atol=1e-5)
+    n_feat = n * family.width * 7 * 7
+    torch.testing.assert_close(feat, torch.stack(feats).sum() / n_feat / loss.out_scale, rtol=1e-4, atol=1e-6)
+
+
+def _bank_images(data, pick):
+    """The images a ``FunctionalLoss(bank=40, seed=3)`` draws with indices ``pick``."""
+    return data.train_x[torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(3))[:40]][pick]
+
+
 def test_functional_loss_is_each_pairs_own_network(setup):
     """Both terms equal a hand computation with ordinary modules: the pair's own begin/last around the
     translated block, its own base network as teacher, its large block's output as feature target."""
@@ -78,40 +106,53 @@ def test_functional_loss_is_each_pairs_own_network(setup):
     idx = torch.tensor([5, 2])
     small = {k: torch.randn(2, *v.shape) * 0.2 for k, v in family.small_block().state_dict().items()}
     kl, feat = loss(small, idx, 12, torch.Generator().manual_seed(9))
-    pick = torch.randint(40, (12,), generator=torch.Generator().manual_seed(9))
-    images = data.train_x[torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(3))[:40]][pick]
-    kls, feats = [], []
-    with torch.no_grad():
-        for j, i in enumerate(idx.tolist()):
-            base = family.base_network().eval()
-            for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
-                getattr(base, part).load_state_dict({k: v[i] for k, v in train.part(name).items()})
-            block = family.small_block().eval()
-            block.load_state_dict({k: v[j] for k, v in small.items()})
-            f = base.begin(images)
-            student_feat, teacher_feat = block(f), base.block(f)
-            student, teacher = base.last(student_feat), base.last(teacher_feat)
-            kls.append(torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
-                                                  reduction="sum"))
-            feats.append((student_feat - teacher_feat).pow(2).sum())
-    torch.testing.assert_close(kl, torch.stack(kls).sum() / 24, rtol=1e-4, atol=1e-5)
-    n_feat = 2 * 12 * family.width * 14 * 14
-    torch.testing.assert_close(feat, torch.stack(feats).sum() / n_feat / loss.out_scale, rtol=1e-4, atol=1e-6)
+    images = _bank_images(data, torch.randint(40, (12,), generator=torch.Generator().manual_seed(9)))
+    nets = [[{k: v[i] for k, v in train.part(name).items()} for name in ("begin", "large", "last")] for i in idx.tolist()]
+    _check_by_hand(family, loss, kl, feat, nets, small, images)
     # A teacher given explicitly (here: the pairs' own large blocks) is computed on the fly, same values.
     own = {k: v[idx] for k, v in train.part("large").items()}
     again = loss(small, idx, 12, torch.Generator().manual_seed(9), own)
     torch.testing.assert_close(again[0], kl, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again[1], feat, rtol=1e-4, atol=1e-6)
     # ... and a different teacher gives a different target
-    moved = loss(small, idx, 12, torch.Generator().manual_seed(9), perturb_large(own, 0.5, torch.Generator()))
+    moved = loss(small, idx, 12, torch.Generator().manual_seed(9), perturb_params(own, 0.5, torch.Generator()))
     assert abs(float(moved[1] - feat)) > 1e-4
+
+
+def test_context_perturbation_is_a_network_with_other_begin_and_last_blocks(setup):
+    """With ``context > 0`` both terms are those of a real network whose begin BN affine (scale a, shift
+    d on the pre-ReLU output: gamma' = a gamma, beta' = a beta + d) and last block were perturbed, and
+    whose teacher is recomputed: the shortcut on stored pre-ReLU features is exact."""
+    family, train, _, data = setup
+    loss = FunctionalLoss(family, train, data, torch.device("cpu"), bank=40, seed=3, context=0.3)
+    idx = torch.tensor([4, 1])
+    small = {k: torch.randn(2, *v.shape) * 0.2 for k, v in family.small_block().state_dict().items()}
+    kl, feat = loss(small, idx, 12, torch.Generator().manual_seed(9))
+    # Replay the generator's draws in the loss's order: images, begin scale, begin shift, last block.
+    gen = torch.Generator().manual_seed(9)
+    images = _bank_images(data, torch.randint(40, (12,), generator=gen))
+    c = family.width
+    scale = (1 + 0.3 * torch.randn((2, 1, c, 1, 1), generator=gen)).clamp_min(0.1).view(2, c)
+    shift = 0.3 * torch.randn((2, 1, c, 1, 1), generator=gen).view(2, c) * loss.pre_std[idx]
+    last = perturb_params({k: v[idx] for k, v in train.part("last").items()}, 0.3, gen)
+    nets = []
+    for j, i in enumerate(idx.tolist()):
+        begin = {k: v[i].clone() for k, v in train.part("begin").items()}
+        begin["bn.bias"] = begin["bn.bias"] * scale[j] + shift[j]
+        begin["bn.weight"] = begin["bn.weight"] * scale[j]
+        nets.append([begin, {k: v[i] for k, v in train.part("large").items()}, {k: v[j] for k, v in last.items()}])
+    _check_by_hand(family, loss, kl, feat, nets, small, images)
+    # and it is not the unperturbed network's loss
+    plain = FunctionalLoss(family, train, data, torch.device("cpu"), bank=40, seed=3)(small, idx, 12,
+                                                                                      torch.Generator().manual_seed(9))
+    assert abs(float(plain[0] - kl)) > 1e-4
 
 
 def test_perturbed_large_blocks_keep_statistics_and_have_the_asked_strength():
     family = create_family("paper_mnist")
     large = {k: v[None].expand(400, *v.shape).clone() for k, v in family.large_block().state_dict().items()}
     large["bn1.weight"] += 1.0  # non-zero everywhere so the relative change is measurable
-    out = perturb_large(large, 0.2, torch.Generator().manual_seed(0))
+    out = perturb_params(large, 0.2, torch.Generator().manual_seed(0))
     for name in ("bn1.running_mean", "bn1.running_var", "bn2.running_var", "bn1.num_batches_tracked"):
         assert torch.equal(out[name], large[name])
     for name in ("conv1.weight", "bn1.weight"):

@@ -38,6 +38,27 @@ def test_bn_aware_tokens_carry_the_function_of_conv_plus_bn():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_bn_stats_tokens_carry_each_channels_distribution_after_bn():
+    """With ``bn_stats`` every token also holds its output channel's mean and standard deviation after
+    BN, which is what BN makes them on the training data: ``beta`` and ``|gamma|`` (up to eps)."""
+    fam = create_family("paper_mnist")
+    block = fam.large_block().train()
+    with torch.no_grad():
+        block.bn1.weight.uniform_(-2, 2)
+        block.bn1.bias.uniform_(-1, 1)
+    block.bn1.momentum = None  # running statistics = exact averages over the batches seen
+    x = torch.randn(512, 6, 14, 14) * 3 + 1
+    out = block.bn1(block.conv1(x))
+    block.eval()
+    state = {k: v[None] for k, v in block.state_dict().items()}
+    tok = tokens.encode_source(fam, state, bn_aware=True, bn_stats=True)  # (1, 72, 12)
+    assert tok.shape == (1, 72, 12) and tokens.layout(fam, "large", True, True).dim == 12
+    torch.testing.assert_close(tok[0, :36, 9], tokens.encode_source(fam, state, bn_aware=True)[0, :36, 9])
+    mean, std = tok[0, :36, 10].reshape(6, 6)[:, 0], tok[0, :36, 11].reshape(6, 6)[:, 0]
+    torch.testing.assert_close(mean, out.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(std, out.std((0, 2, 3)), atol=1e-3, rtol=1e-3)
+
+
 def test_mixer_follows_the_spec_shapes():
     m = MixerTranslator(72, 9, 36, 9)  # paper defaults: 24 layers, 128, 256, 512
     assert len(m.layers) == 24 and m.embed.out_features == 128
@@ -49,7 +70,8 @@ def test_mixer_follows_the_spec_shapes():
 @pytest.mark.parametrize("arch", ["mixer", "mlp", "channel_set"])
 def test_translate_compress_save_load(tmp_path, arch):
     fam = create_family("paper_mnist")
-    tr = create_translator(arch, fam, bn_aware=True, depth=2, width=16)
+    switches = arch == "channel_set"  # the rescale / bn_stats switches round-trip too
+    tr = create_translator(arch, fam, bn_aware=True, rescale=switches, bn_stats=switches, depth=2, width=16)
     net = fam.base_network().eval()
     small = tr.translate(net.block.state_dict())
     assert {k: tuple(v.shape) for k, v in small.items()} == {"conv1.weight": (3, 6, 3, 3), "conv2.weight": (6, 3, 3, 3)}
@@ -132,3 +154,33 @@ def test_channel_set_follows_the_block_symmetries(family_name):
     # and it is not a constant map: different blocks give different translations
     other = tr.translate_batch(_random_large_blocks(fam, 4, seed=1))
     assert (other["conv1.weight"] - base["conv1.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch,bn_stats", [("mixer", False), ("channel_set", False), ("channel_set", True)])
+def test_rescaled_translation_follows_the_scale_symmetries(arch, bn_stats):
+    """With ``rescale`` the translation is equivariant to the function-preserving channel scalings:
+    a residual channel scaled by a (conv1 inputs / a, BN2 affine * a) scales the small block's conv1
+    inputs by 1/a and conv2 outputs by a; a hidden channel scaled by b (BN1 affine * b, conv2 inputs / b)
+    changes nothing. Without it, the translation does change."""
+    fam = create_family("paper_mnist")
+    g = torch.Generator().manual_seed(4)
+    large = _random_large_blocks(fam, 3)
+    a = torch.rand(3, fam.width, generator=g) * 3 + 0.3
+    b = torch.rand(3, fam.large_hidden, generator=g) * 3 + 0.3
+    moved = dict(large)
+    moved["conv1.weight"] = large["conv1.weight"] / a[:, None, :, None, None]
+    moved["conv2.weight"] = large["conv2.weight"] / b[:, None, :, None, None]
+    for name in ("weight", "bias"):
+        moved[f"bn1.{name}"] = large[f"bn1.{name}"] * b
+        moved[f"bn2.{name}"] = large[f"bn2.{name}"] * a
+    for rescale in (True, False):
+        tr = create_translator(arch, fam, bn_aware=True, rescale=rescale, bn_stats=bn_stats, depth=2, width=16)
+        base, out = tr.translate_batch(large), tr.translate_batch(moved)
+        want = {"conv1.weight": base["conv1.weight"] / a[:, None, :, None, None],
+                "conv2.weight": base["conv2.weight"] * a[:, :, None, None, None]}
+        close = all(torch.allclose(out[k], want[k], rtol=1e-4, atol=1e-5) for k in want)
+        assert close == rescale
+    with pytest.raises(KTError, match="bn_aware"):
+        create_translator(arch, fam, rescale=True)
+    with pytest.raises(KTError, match="bn_aware"):
+        create_translator(arch, fam, bn_stats=True)

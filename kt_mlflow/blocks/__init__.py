@@ -14,8 +14,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -156,22 +157,53 @@ def fold_bn(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> Tuple[Sta
     ``BN(conv(x)) = conv(x; w * s) + t`` with ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``;
     tensors carry a leading ``(P,)`` network axis. A conv without BN gets ``s = 1, t = 0``.
     """
-    block = family.large_block()
+    eps = _bn_eps(family)
     weights, shifts = {}, {}
     for key, bn in family.bn_of("large").items():
-        needed = [key] + ([] if bn is None else [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")])
-        missing = [k for k in needed if k not in large]
-        if missing:
-            raise KTError(f"large-block state lacks {', '.join(missing)}; pass the whole {family.name} large block "
-                          f"(BN statistics included), e.g. pairs.part('large').")
+        _check_bn_keys(family, large, key, bn)
         w = large[key]
         if bn is None:
             weights[key], shifts[key] = w, torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
             continue
-        scale = large[f"{bn}.weight"] / torch.sqrt(large[f"{bn}.running_var"] + getattr(block, bn).eps)  # (P, o)
+        scale = large[f"{bn}.weight"] / torch.sqrt(large[f"{bn}.running_var"] + eps[bn])  # (P, o)
         weights[key] = w * scale[..., None, None, None]
         shifts[key] = large[f"{bn}.bias"] - large[f"{bn}.running_mean"] * scale
     return weights, shifts
+
+
+def bn_output_stats(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> State:
+    """Per large-block conv, the mean and standard deviation of each output channel after its BN on the
+    data the network was trained on, ``(P, o, 2)``: ``beta`` and ``|gamma| * sqrt(var / (var + eps))``.
+    Data-free (they are BN's parameters and statistics), and they say how each channel is distributed,
+    e.g. how often a hidden unit is on. A conv without BN gets zeros."""
+    eps = _bn_eps(family)
+    out = {}
+    for key, bn in family.bn_of("large").items():
+        _check_bn_keys(family, large, key, bn)
+        w = large[key]
+        if bn is None:
+            out[key] = torch.zeros(*w.shape[:2], 2, dtype=w.dtype, device=w.device)
+            continue
+        var = large[f"{bn}.running_var"]
+        std = large[f"{bn}.weight"].abs() * torch.sqrt(var / (var + eps[bn]))
+        out[key] = torch.stack([large[f"{bn}.bias"], std], -1)
+    return out
+
+
+def _check_bn_keys(family: BlockFamily, large: Mapping[str, torch.Tensor], key: str, bn: Optional[str]) -> None:
+    needed = [key] + ([] if bn is None else [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")])
+    missing = [k for k in needed if k not in large]
+    if missing:
+        raise KTError(f"large-block state lacks {', '.join(missing)}; pass the whole {family.name} large block "
+                      f"(BN statistics included), e.g. pairs.part('large').")
+
+
+@functools.lru_cache(maxsize=None)
+def _bn_eps(family: BlockFamily) -> Dict[str, float]:
+    """The large block's BN epsilons (the module is built without touching the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        block = family.large_block()
+    return {bn: getattr(block, bn).eps for bn in family.bn_of("large").values() if bn is not None}
 
 
 def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
@@ -182,7 +214,7 @@ def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
 
 __all__ = [
     "BlockFamily", "KTNetwork", "create_family", "family_names", "stack_states", "unstack_state", "prefixed",
-    "fold_members", "fold_bn",
+    "fold_members", "fold_bn", "bn_output_stats",
     "BLOCKS", "FAMILIES",
 ]
 

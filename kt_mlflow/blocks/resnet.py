@@ -36,6 +36,11 @@ class BeginBlock(nn.Module):
             # max-pool then ReLU: the same values and gradients as ReLU then max-pool (ReLU is monotone
             # and the pooling picks the same element), with the ReLU on a 4x smaller tensor.
             return F.relu(F.max_pool2d(self.bn(self.conv(x)), 3, stride=2, padding=1), inplace=True)
+        return F.relu(self.preactivation(x, moments), inplace=True)
+
+    def preactivation(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
+        """max-pool(BN(conv(x))) before the ReLU, BN folded (running statistics in eval mode, the
+        batch's from ``moments`` in training). ``forward`` is its ReLU."""
         if self.training:
             mean, var = self._batch_stats(*moments)
         else:
@@ -45,7 +50,7 @@ class BeginBlock(nn.Module):
         y = F.conv2d(x, weight, None, padding=self.conv.padding, groups=self.members)
         # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
         shift = self.bn.bias - mean * scale
-        return F.relu(F.max_pool2d(y, 3, stride=2, padding=1) + shift[:, None, None], inplace=True)
+        return F.max_pool2d(y, 3, stride=2, padding=1) + shift[:, None, None]
 
     def _batch_stats(self, s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The conv output's batch mean and (biased) variance from the input patches' moment sums.
@@ -86,11 +91,25 @@ class BeginBlock(nn.Module):
         return torch.cat(s1).double(), torch.cat(s2).double()
 
 
+def _strided(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``conv(x)[:, :, ::stride, ::stride]`` for a stride-1 "same" conv, computing only those outputs."""
+    if stride == 1:
+        return conv(x)
+    return F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=conv.padding, groups=conv.groups)
+
+
+def relu_leaky_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
+    """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0`` (1 where ``x > 0``)."""
+    leak = slope * x.clamp(max=0)
+    return F.relu(x) + (leak - leak.detach())
+
+
 class BasicBlock(nn.Module):
     """ReLU(BN(conv(ReLU(BN(conv(x))))) + x): the large block."""
 
     # Which BN (if any) follows each conv weight: the translator's view of the block.
     conv_bn = {"conv1.weight": "bn1", "conv2.weight": "bn2"}
+    takes_stride = True  # forward(x, stride): see KTNetwork.forward
 
     def __init__(self, width: int, hidden: int, kernel: int, members: int = 1) -> None:
         super().__init__()
@@ -99,9 +118,15 @@ class BasicBlock(nn.Module):
         self.conv2 = conv(hidden, width, kernel, members=members)
         self.bn2 = nn.BatchNorm2d(width * members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """``stride``: return only every stride-th position (all a strided reader looks at). In eval
+        mode conv2 then computes only those; in training BN2 needs its statistics over all positions."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        return F.relu(self.bn2(self.conv2(out)) + x, inplace=True)
+        if self.training:
+            y = self.bn2(self.conv2(out))[:, :, ::stride, ::stride]
+        else:
+            y = self.bn2(_strided(self.conv2, out, stride))
+        return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
 
     @staticmethod
     def permute_hidden(state: Dict[str, torch.Tensor], perm: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -129,14 +154,23 @@ class BottleneckBlock(nn.Module):
     """ReLU(conv(ReLU(conv(x))) + x) with a narrow hidden width and no BN: the small block."""
 
     conv_bn = {"conv1.weight": None, "conv2.weight": None}
+    takes_stride = True
 
     def __init__(self, width: int, hidden: int, kernel: int, members: int = 1) -> None:
         super().__init__()
         self.conv1 = conv(width, hidden, kernel, members=members)
         self.conv2 = conv(hidden, width, kernel, members=members)
+        # Gradient of the hidden ReLU below zero (the forward value is unchanged). A unit that is off
+        # for every input gets no gradient through a plain ReLU and stays off for good; a translator
+        # trained through this block can use a small leak to bring such units back.
+        self.grad_leak = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv2(F.relu(self.conv1(x), inplace=True)) + x, inplace=True)
+    def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """``stride``: compute only every stride-th output position (no BN, so exact in training too)."""
+        h = self.conv1(x)
+        h = F.relu(h, inplace=True) if self.grad_leak == 0 else relu_leaky_grad(h, self.grad_leak)
+        y = _strided(self.conv2, h, stride)
+        return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
 
     @staticmethod
     def canonicalize(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -172,8 +206,11 @@ class LastBlock(nn.Module):
         out = conv_out_size(spatial, 1, self.stride, 0)
         self.fc = StackedLinear(last_width * out * out, num_classes, members=members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x[:, :, :: self.stride, :: self.stride])), inplace=True)
+    def forward(self, x: torch.Tensor, subsampled: bool = False) -> torch.Tensor:
+        """``subsampled``: ``x`` holds only every stride-th position already (see ``KTNetwork.forward``)."""
+        if not subsampled:
+            x = x[:, :, :: self.stride, :: self.stride]
+        x = F.relu(self.bn(self.conv(x)), inplace=True)
         return self.fc(x.reshape(x.shape[0], -1))
 
 
@@ -188,7 +225,10 @@ class KTNetwork(nn.Module):
     def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """``moments``: the batch's input patch moments, for the begin block's exact BN shortcut."""
         begin = self.begin(x) if moments is None else self.begin(x, moments)
-        return self.last(self.block(begin))
+        if not getattr(self.block, "takes_stride", False):  # any module, e.g. nn.Identity for "block removed"
+            return self.last(self.block(begin))
+        # The last block reads every stride-th position only, so the block computes no others.
+        return self.last(self.block(begin, stride=self.last.stride), subsampled=True)
 
 
 def stem_out_size(image_size: int) -> int:

@@ -15,6 +15,8 @@ from ..errors import KTError
 class Recipe:
     name: str
     bn_aware: bool = False        # fold BN into conv, feed the shifts too
+    rescale: bool = False         # translate in balanced per-channel scale coordinates (needs bn_aware)
+    bn_stats: bool = False        # also feed each channel's mean and spread after BN (needs bn_aware)
     canonical: bool = False       # regress canonical (order, scale) small-block weights
     perm_augment: bool = False    # permute the large block's hidden channels (function-preserving)
     standardize: bool = False     # per-feature standardisation of translator inputs and outputs
@@ -23,6 +25,8 @@ class Recipe:
     functional: float = 0.0       # weight of the prediction KL to the pair's base network (distillation)
     features: float = 0.0         # weight of the relative MSE to the large block's output features
     perturb: float = 0.0          # perturb each large block (relative noise), teacher recomputed from it
+    context: float = 0.0          # perturb the begin/last blocks around it too (functional loss only)
+    grad_leak: float = 0.0        # gradient of the small block's hidden ReLU below zero (functional loss only)
 
     def as_params(self) -> Dict[str, object]:
         return {f"recipe_{k}" if k != "name" else "recipe": v for k, v in asdict(self).items()}
@@ -32,18 +36,22 @@ PAPER = Recipe("paper")
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     PAPER,
     replace(PAPER, name="bn_aware", bn_aware=True, standardize=True),
+    replace(PAPER, name="bn_stats", bn_aware=True, bn_stats=True, standardize=True),
     replace(PAPER, name="canonical", canonical=True, standardize=True),
     replace(PAPER, name="perm_augment", perm_augment=True, standardize=True),
+    replace(PAPER, name="rescaled", bn_aware=True, rescale=True, standardize=True),
     # The symmetries built into the translator rather than taught: channel_set is equivariant to
     # residual-channel and invariant to hidden-channel permutations by construction.
     replace(PAPER, name="equivariant", arch="channel_set", standardize=True),
     replace(PAPER, name="functional", functional=1.0, features=1.0, standardize=True),
-    # All together, plus perturbed large blocks with recomputed teachers (new networks to translate,
-    # which only the functional loss makes possible). The parameter MSE is dropped (it pulls towards one
+    # All together, plus new networks every step (perturbed large blocks and surroundings, teachers
+    # recomputed), which only the functional loss makes possible, and a gradient leak so that no
+    # translated hidden unit can die for good. The parameter MSE is dropped (it pulls towards one
     # arbitrary member of each target's symmetry class; canonical targets then do not matter), and
-    # perm_augment is left out: channel_set is invariant to those permutations already.
+    # perm_augment is left out: channel_set is invariant to those permutations already. rescale and
+    # bn_stats measured no gain on top (README), so they stay out.
     Recipe("best", bn_aware=True, standardize=True, arch="channel_set", param=0.0, functional=1.0,
-           features=1.0, perturb=0.2),
+           features=1.0, perturb=0.2, context=0.2, grad_leak=0.05),
 )}
 
 

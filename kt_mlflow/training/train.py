@@ -24,7 +24,7 @@ from ..device import pick_device
 from ..errors import KTError
 from ..evaluation.functional import network_accuracy
 from ..pairs.store import PairSet
-from ..translators import Translator, create_translator, tokens
+from ..translators import Translator, create_translator, rescale, tokens
 from .augment import augment_pair, check_augmentation
 from .recipes import get_recipe
 
@@ -122,21 +122,31 @@ class FunctionalLoss:
     Each pair's own begin and last blocks (frozen, eval-mode BN) sandwich the translated small block.
     Two terms: KL(base network || network with the translated block) on the predictions, and the MSE
     between the translated block's output features and the large block's (relative to the features'
-    mean square). Begin features, large-block features and teacher logits of a fixed bank of training
-    images are computed once, so a step only runs the small and last blocks. Translation itself stays
-    data-free.
+    mean square) at the positions the last block reads (it reads every stride-th; the rest never
+    reaches a prediction). The begin block's pre-ReLU output for a fixed bank of training images is
+    computed once per pair, as are the large block's features and the teacher logits, so a step only
+    runs the small and last blocks. Translation itself stays data-free.
+
+    ``context > 0`` perturbs the networks around the block at every call: the begin block's BN affine
+    (a positive per-channel scale and a shift, applied to the stored pre-ReLU output, exact because
+    max-pooling commutes with both) and the last block's parameters, each by relative noise of that
+    strength; the teacher is then recomputed. New surroundings every step, so the translator cannot
+    learn the training networks' own begin/last blocks instead of the task. ``grad_leak`` is the small
+    block's hidden-ReLU gradient below zero (see ``BottleneckBlock``).
     """
 
     def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device, bank: int,
-                 seed: int, chunk: int = 32) -> None:
-        self.family, self.device = family, device
+                 seed: int, chunk: int = 32, context: float = 0.0, grad_leak: float = 0.0) -> None:
+        self.family, self.device, self.context, self.grad_leak = family, device, context, grad_leak
+        self.stride = family.last().stride
         # Keep the feature banks within ~2 GB: fewer images per pair when there are many pairs.
-        per_image = 2 * 4 * family.width * (data.train_x.shape[-1] // 2) ** 2
+        side = data.train_x.shape[-1] // 2  # begin-block output (pre-ReLU bank), then block output (strided)
+        per_image = 4 * family.width * (side ** 2 + (-(-side // self.stride)) ** 2)
         bank = max(16, min(bank, (2 << 30) // max(1, len(train) * per_image)))
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
         x = data.train_x[pick].to(device)
         m, n = len(x), len(train)
-        feats, outs, teacher = [], [], []
+        pres, outs, teacher = [], [], []
 
         def per_pair(t: torch.Tensor, k: int) -> torch.Tensor:  # (m, k*C, H, W) -> (k, m, C, H, W)
             return t.reshape(m, k, -1, *t.shape[2:]).transpose(0, 1)
@@ -148,21 +158,30 @@ class FunctionalLoss:
                 net = family.base_network(k).to(device).eval()
                 for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
                     getattr(net, part).load_state_dict(fold_members({a: b.to(device) for a, b in train.part(name).items()}, sl))
-                f = net.begin(x.expand(-1, k, -1, -1))                                   # (m, k*C, H, W)
-                out = net.block(f)
-                teacher.append(net.last(out).view(m, k, -1).transpose(0, 1))            # (k, m, classes)
-                feats.append(per_pair(f, k))
+                pre = net.begin.preactivation(x.expand(-1, k, -1, -1))                  # (m, k*C, H, W)
+                out = net.block(F.relu(pre), stride=self.stride)
+                teacher.append(net.last(out, subsampled=True).view(m, k, -1).transpose(0, 1))  # (k, m, classes)
+                pres.append(per_pair(pre, k))
                 outs.append(per_pair(out, k))
-        self.feats, self.outs, self.teacher = torch.cat(feats), torch.cat(outs), torch.cat(teacher)
+        self.pre, self.outs, self.teacher = torch.cat(pres), torch.cat(outs), torch.cat(teacher)
+        self.pre_std = self.pre.transpose(1, 2).flatten(2).std(-1)                      # (P, C)
         self.out_scale = float(self.outs.pow(2).mean().clamp_min(1e-12))
+        self.large = {k: v.to(device) for k, v in train.part("large").items()}
         self.last = {k: v.to(device) for k, v in train.part("last").items()}
-        self._nets: Dict[int, KTNetwork] = {}
+        self._nets: Dict[int, torch.nn.Module] = {}
 
     def _net(self, k: int) -> KTNetwork:
         if k not in self._nets:
             self._nets[k] = KTNetwork(torch.nn.Identity(), self.family.small_block(k), self.family.last(k), k)
             self._nets[k].to(self.device).eval()
+            if hasattr(self._nets[k].block, "grad_leak"):
+                self._nets[k].block.grad_leak = self.grad_leak
         return self._nets[k]
+
+    def _teacher_block(self, k: int) -> torch.nn.Module:
+        if -k not in self._nets:  # negative keys: large blocks, positive: small-block networks
+            self._nets[-k] = self.family.large_block(k).to(self.device).eval()
+        return self._nets[-k]
 
     def __call__(self, small: Dict[str, torch.Tensor], idx: torch.Tensor, n_images: int,
                  gen: torch.Generator, large: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,39 +191,45 @@ class FunctionalLoss:
         e.g. perturbed copies; the teacher is then computed on the fly instead of read from the bank.
         """
         k = len(idx)
-        pick = torch.randint(self.feats.shape[1], (n_images,), generator=gen).to(self.device)
+        pick = torch.randint(self.pre.shape[1], (n_images,), generator=gen).to(self.device)
 
-        def members(bank: torch.Tensor) -> torch.Tensor:  # (P, m, C, H, W) -> (n, k*C, H, W)
-            f = bank[idx][:, pick].transpose(0, 1)
-            return f.reshape(n_images, -1, *f.shape[3:]).contiguous(memory_format=torch.channels_last)
+        def members(t: torch.Tensor) -> torch.Tensor:  # (k, n, C, H, W) -> (n, k*C, H, W)
+            return t.transpose(0, 1).reshape(n_images, -1, *t.shape[3:]).contiguous(memory_format=torch.channels_last)
 
-        net, feats = self._net(k), members(self.feats)
-        last = fold_members({a: b[idx] for a, b in self.last.items()})
-        out = functional_call(net.block, fold_members(small), (feats,))
-        student = functional_call(net.last, last, (out,))
+        pre = self.pre[idx][:, pick]                                                    # (k, n, C, H, W)
+        last = {a: b[idx] for a, b in self.last.items()}
+        if self.context > 0:
+            c = pre.shape[2]
+            scale = (1 + self.context * self._noise((k, 1, c, 1, 1), gen)).clamp_min(0.1)
+            shift = self.context * self._noise((k, 1, c, 1, 1), gen) * self.pre_std[idx][:, None, :, None, None]
+            pre = pre * scale + shift
+            last = perturb_params(last, self.context, gen)
+            if large is None:
+                large = {a: b[idx] for a, b in self.large.items()}
+        net, feats, last = self._net(k), members(F.relu(pre)), fold_members(last)
+        out = functional_call(net.block, fold_members(small), (feats,), {"stride": self.stride})
+        student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:
-            target = members(self.outs)
+            target = members(self.outs[idx][:, pick])
             teacher = self.teacher[idx][:, pick].transpose(0, 1).reshape(n_images * k, -1)
         else:
             with torch.no_grad():
-                target = functional_call(self._teacher_block(k), fold_members(large), (feats,))
-                teacher = functional_call(net.last, last, (target,)).view(n_images * k, -1)
+                target = functional_call(self._teacher_block(k), fold_members(large), (feats,), {"stride": self.stride})
+                teacher = functional_call(net.last, last, (target,), {"subsampled": True}).view(n_images * k, -1)
         kl = F.kl_div(F.log_softmax(student.view(n_images * k, -1), -1), F.log_softmax(teacher, -1),
                       log_target=True, reduction="batchmean")
         return kl, F.mse_loss(out, target) / self.out_scale
 
-    def _teacher_block(self, k: int) -> torch.nn.Module:
-        if -k not in self._nets:  # negative keys: large blocks, positive: small-block networks
-            self._nets[-k] = self.family.large_block(k).to(self.device).eval()
-        return self._nets[-k]
+    def _noise(self, shape: Tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(self.device)
 
 
-def perturb_large(large: Dict[str, torch.Tensor], strength: float, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-    """A new large block near each given one: conv weights and BN affine parameters multiplied by
-    ``1 + strength * N(0, 1)`` element-wise (BN statistics kept). With a teacher recomputed from it,
-    this is a new, slightly different network to translate: unlimited examples of the same task."""
-    out = dict(large)
-    for name, t in large.items():
+def perturb_params(state: Dict[str, torch.Tensor], strength: float, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Nearby networks: every weight and bias (conv, linear, BN affine) multiplied by
+    ``1 + strength * N(0, 1)`` element-wise, BN statistics kept. With a teacher recomputed from them,
+    each is a new, slightly different network to translate: unlimited examples of the same task."""
+    out = dict(state)
+    for name, t in state.items():
         if t.is_floating_point() and name.endswith((".weight", ".bias")):  # not the BN running statistics
             noise = torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
             out[name] = t * (1 + strength * noise)
@@ -235,17 +260,26 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
     small = {k: v.to(device) for k, v in train.part("small").items()}
     if recipe.canonical:
         small = _canonical(family, small)
-    target = tokens.encode_target(family, small)                      # (P, T_out, D_out)
-    source = tokens.encode_source(family, large, recipe.bn_aware)     # (P, T_in, D_in), reused without perms
 
-    translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, **cfg.arch_kwargs())
+    translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, rescale=recipe.rescale,
+                                   bn_stats=recipe.bn_stats, **cfg.arch_kwargs())
     net = translator.net.to(device)
+    source, scales = translator.encode(large)                        # (P, T_in, D_in), reused without perms
+    small_keys = tokens.layout(family, "small").keys
+
+    def targets(rows: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """Target tokens of pairs ``rows``, in the coordinates the translator writes in."""
+        sm = {k: v[rows] for k, v in small.items()}
+        return tokens.encode_target(family, sm if scale is None else rescale.small_to_rescaled(sm, small_keys, scale))
+
+    target = targets(torch.arange(len(train), device=device), scales)  # (P, T_out, D_out)
     if recipe.standardize:
         net.in_mean.copy_(source.mean((0, 1)))
         net.in_std.copy_(source.std((0, 1)).clamp_min(1e-6))
         net.out_mean.copy_(target.mean((0, 1)))
         net.out_std.copy_(target.std((0, 1)).clamp_min(1e-6))
-    functional = (FunctionalLoss(family, train, data, device, cfg.functional_bank, cfg.seed)
+    functional = (FunctionalLoss(family, train, data, device, cfg.functional_bank, cfg.seed,
+                                  context=recipe.context, grad_leak=recipe.grad_leak)
                   if recipe.functional > 0 or recipe.features > 0 else None)
 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -264,18 +298,22 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
             idx = order[start: start + cfg.batch_size]
             batch_large = None
             if recipe.perturb > 0:
-                batch_large = perturb_large({k: v[idx] for k, v in large.items()}, recipe.perturb, gen)
+                batch_large = perturb_params({k: v[idx] for k, v in large.items()}, recipe.perturb, gen)
             if recipe.perm_augment:
                 batch_large = _permuted(family, batch_large or {k: v[idx] for k, v in large.items()}, gen)
-            src = source[idx] if batch_large is None else tokens.encode_source(family, batch_large, recipe.bn_aware)
-            src, dst = augment_pair(src, target[idx], cfg.mask_ratio, cfg.noise_std, cfg.augment_on)
+            if batch_large is None:
+                src, sc, dst = source[idx], None if scales is None else scales[idx], target[idx]
+            else:
+                src, sc = translator.encode(batch_large)
+                dst = target[idx] if sc is None else targets(idx, sc)
+            src, dst = augment_pair(src, dst, cfg.mask_ratio, cfg.noise_std, cfg.augment_on)
             pred = net(src)
             loss = recipe.param * param_loss(family, pred, dst) if recipe.param > 0 else pred.new_zeros(())
             if functional is not None:
                 sub = idx[: cfg.functional_pairs]
                 teacher = None if recipe.perturb == 0 else {k: v[: len(sub)] for k, v in batch_large.items()}
-                kl, feat = functional(tokens.decode_target(family, pred[: len(sub)]), sub, cfg.functional_images, gen,
-                                      teacher)
+                kl, feat = functional(translator.decode(pred[: len(sub)], None if sc is None else sc[: len(sub)]), sub,
+                                      cfg.functional_images, gen, teacher)
                 fn = recipe.functional * kl + recipe.features * feat
                 loss = loss + fn
                 fn_total += float(fn.detach())

@@ -3,17 +3,19 @@
 For the paper's pair the large block's two 6x6x3x3 conv weights give 72 tokens of 9 numbers and the
 small block's two convs give 36 tokens; all of that is derived here from the family's registry entry.
 With ``bn_aware`` each BN is folded into its conv (scale) and its shift is appended to every token of
-that output channel, so the translator sees the whole function of the large block.
+that output channel, so the translator sees the whole function of the large block; ``encode_rescaled``
+also puts it in its balanced scale coordinates first (see ``rescale``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..blocks import BlockFamily, fold_bn
+from ..blocks import BlockFamily, bn_output_stats, fold_bn
 from ..errors import KTError
+from . import rescale
 
 State = Dict[str, torch.Tensor]
 
@@ -39,27 +41,63 @@ class TokenLayout:
         return self.kernel_numel + self.extra
 
 
-def layout(family: BlockFamily, which: str, bn_aware: bool = False) -> TokenLayout:
+def layout(family: BlockFamily, which: str, bn_aware: bool = False, bn_stats: bool = False) -> TokenLayout:
     shapes = family.weight_shapes(which)
     kernels = {s[2:] for s in shapes.values()}
     if len(kernels) != 1:
         raise KTError(f"family {family.name}: {which} block convs have different kernel sizes {kernels}; "
                       f"tokens need one kernel size per block.")
-    return TokenLayout(tuple(shapes), tuple(shapes.values()), extra=1 if bn_aware and which == "large" else 0)
+    extra = (1 + 2 * bn_stats) if bn_aware and which == "large" else 0
+    return TokenLayout(tuple(shapes), tuple(shapes.values()), extra=extra)
 
 
-def encode_source(family: BlockFamily, large: State, bn_aware: bool = False) -> torch.Tensor:
-    """Stacked large blocks ``(P, ...)`` -> tokens ``(P, T, D)``."""
-    lay = layout(family, "large", bn_aware)
-    if bn_aware:
-        weights, shifts = fold_bn(family, large)
+def encode_source(family: BlockFamily, large: State, bn_aware: bool = False, bn_stats: bool = False) -> torch.Tensor:
+    """Stacked large blocks ``(P, ...)`` -> tokens ``(P, T, D)``.
+
+    ``bn_stats`` (with ``bn_aware``) also appends the mean and standard deviation of the token's output
+    channel after BN (``bn_output_stats``): how that channel is distributed on the training data.
+    """
+    if not bn_aware:
+        return _source_tokens(family, large, {})
+    weights, shifts = fold_bn(family, large)
+    stats = bn_output_stats(family, large) if bn_stats else None
+    return _source_tokens(family, weights, _channel_features(shifts, stats))
+
+
+def encode_rescaled(family: BlockFamily, large: State, bn_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BN-aware tokens of each large block in its balanced scale coordinates (``rescale.balance``), and
+    the residual scales ``(P, R)`` that map the small block written there back (``small_to_original``)."""
+    lay = layout(family, "large", True)
+    shapes = [s[:2] for s in lay.shapes]
+    if len(shapes) != 2 or shapes[0] != shapes[1][::-1]:
+        raise KTError(f"family {family.name}: rescaling needs a large block of two convs in -> hidden -> in, "
+                      f"got conv shapes {lay.shapes}; train without the rescale switch.")
+    weights, shifts = fold_bn(family, large)
+    k1, k2 = lay.keys
+    a, b = rescale.balance(weights[k1], shifts[k1], weights[k2], shifts[k2])
+    w1, t1, w2, t2 = rescale.rescale_large(weights[k1], shifts[k1], weights[k2], shifts[k2], a, b)
+    stats = None
+    if bn_stats:  # a channel's mean and spread scale with it
+        stats = bn_output_stats(family, large)
+        stats = {k1: stats[k1] * b[..., None], k2: stats[k2] * a[..., None]}
+    return _source_tokens(family, {k1: w1, k2: w2}, _channel_features({k1: t1, k2: t2}, stats)), a
+
+
+def _channel_features(shifts: State, stats: Optional[State]) -> State:
+    """Per conv, the features every token of an output channel carries: ``(P, o, f)``."""
+    return {k: t[..., None] if stats is None else torch.cat([t[..., None], stats[k]], -1) for k, t in shifts.items()}
+
+
+def _source_tokens(family: BlockFamily, weights: State, features: State) -> torch.Tensor:
+    """Kernel slices as tokens, each followed by its output channel's ``features`` (if any)."""
     parts = []
-    for key in lay.keys:
-        w = weights[key] if bn_aware else large[key]
+    for key in family.weight_shapes("large"):
+        w = weights[key]
         p, o, i = w.shape[:3]
-        tok = w.reshape(p, o * i, lay.kernel_numel)
-        if bn_aware:
-            tok = torch.cat([tok, shifts[key][:, :, None].expand(p, o, i).reshape(p, o * i, 1)], dim=-1)
+        tok = w.reshape(p, o * i, -1)
+        if key in features:
+            f = features[key]
+            tok = torch.cat([tok, f[:, :, None].expand(p, o, i, f.shape[-1]).reshape(p, o * i, -1)], dim=-1)
         parts.append(tok)
     return torch.cat(parts, dim=1)
 

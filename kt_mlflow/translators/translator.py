@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,7 +12,7 @@ from torch import nn
 from ..blocks import BlockFamily, KTNetwork, create_family, prefixed
 from ..errors import KTError
 from ..io import atomic_write, atomic_write_json
-from . import tokens
+from . import rescale, tokens
 
 State = Dict[str, torch.Tensor]
 
@@ -36,11 +36,14 @@ class Translator:
     """A translator network bound to a block family and a token encoding."""
 
     def __init__(self, family: BlockFamily, arch: str, arch_kwargs: Mapping[str, Any], bn_aware: bool = False,
-                 net: Optional[TranslatorNet] = None) -> None:
+                 net: Optional[TranslatorNet] = None, rescale: bool = False, bn_stats: bool = False) -> None:
         from . import ARCHITECTURES
 
+        if (rescale or bn_stats) and not bn_aware:
+            raise KTError("rescale and bn_stats read BN-folded blocks; use them together with bn_aware.")
         self.family, self.arch, self.arch_kwargs, self.bn_aware = family, arch, dict(arch_kwargs), bn_aware
-        src, dst = tokens.layout(family, "large", bn_aware), tokens.layout(family, "small")
+        self.rescale, self.bn_stats = rescale, bn_stats
+        src, dst = tokens.layout(family, "large", bn_aware, bn_stats), tokens.layout(family, "small")
         small_keys = set(family.small_block().state_dict())
         if small_keys != set(dst.keys):
             raise KTError(f"family {family.name}: the small block has parameters {sorted(small_keys - set(dst.keys))} "
@@ -55,21 +58,37 @@ class Translator:
 
     def config(self) -> Dict[str, Any]:
         return {"family": self.family.name, "family_config": self.family.config(), "arch": self.arch,
-                "arch_kwargs": self.arch_kwargs, "bn_aware": self.bn_aware}
+                "arch_kwargs": self.arch_kwargs, "bn_aware": self.bn_aware, "rescale": self.rescale,
+                "bn_stats": self.bn_stats}
 
     def config_tags(self) -> Dict[str, str]:
         """The config as flat strings (registry tags, searchable in the UI)."""
         return {"kt.family": self.family.name, "kt.arch": self.arch, "kt.bn_aware": str(self.bn_aware),
+                "kt.rescale": str(self.rescale), "kt.bn_stats": str(self.bn_stats),
                 **{f"kt.arch.{k}": str(v) for k, v in self.arch_kwargs.items()}}
 
     # -- translation ---------------------------------------------------------------------------
+    def encode(self, large: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Stacked large blocks -> the net's input tokens, and the residual scales ``decode`` needs
+        (None unless the translator works in balanced scale coordinates)."""
+        large = {k: v.to(self.device, torch.float32) for k, v in large.items()}
+        if self.rescale:
+            return tokens.encode_rescaled(self.family, large, self.bn_stats)
+        return tokens.encode_source(self.family, large, self.bn_aware, self.bn_stats), None
+
+    def decode(self, out: torch.Tensor, scales: Optional[torch.Tensor]) -> State:
+        """The net's output tokens -> stacked small-block weights for the original networks."""
+        small = tokens.decode_target(self.family, out)
+        if scales is None:
+            return small
+        return rescale.small_to_original(small, tokens.layout(self.family, "small").keys, scales)
+
     @torch.no_grad()
     def translate_batch(self, large: Mapping[str, torch.Tensor]) -> State:
         """Stacked large blocks ``(P, ...)`` -> stacked small blocks ``(P, ...)`` (data-free)."""
         self.net.eval()
-        x = tokens.encode_source(self.family, {k: v.to(self.device, torch.float32) for k, v in large.items()},
-                                 self.bn_aware)
-        return {k: v.cpu() for k, v in tokens.decode_target(self.family, self.net(x)).items()}
+        x, scales = self.encode(large)
+        return {k: v.cpu() for k, v in self.decode(self.net(x), scales).items()}
 
     def translate(self, large_block_state: Mapping[str, torch.Tensor]) -> State:
         """One large block's state dict -> one small block's state dict."""
@@ -106,15 +125,17 @@ class Translator:
             weights = load_file(str(folder / "translator.safetensors"), device=device)
         except (OSError, ValueError) as e:
             raise KTError(f"{folder} does not hold a saved translator ({e}); save one with Translator.save.") from None
-        tr = cls(create_family(config["family"]), config["arch"], config["arch_kwargs"], config["bn_aware"])
+        tr = cls(create_family(config["family"]), config["arch"], config["arch_kwargs"], config["bn_aware"],
+                 rescale=config.get("rescale", False), bn_stats=config.get("bn_stats", False))
         tr.net.load_state_dict(weights)
         tr.net.to(device).eval()
         return tr
 
 
-def create_translator(arch: str, family: BlockFamily, bn_aware: bool = False, **arch_kwargs: Any) -> Translator:
+def create_translator(arch: str, family: BlockFamily, bn_aware: bool = False, rescale: bool = False,
+                      bn_stats: bool = False, **arch_kwargs: Any) -> Translator:
     """A fresh (untrained) translator of architecture ``arch`` for ``family``."""
     from . import ARCHITECTURES
 
     ARCHITECTURES.get(arch)  # unknown names fail here with the list of known ones
-    return Translator(family, arch, arch_kwargs, bn_aware)
+    return Translator(family, arch, arch_kwargs, bn_aware, rescale=rescale, bn_stats=bn_stats)
