@@ -139,10 +139,11 @@ class FunctionalLoss:
                  seed: int, chunk: int = 32, context: float = 0.0, grad_leak: float = 0.0) -> None:
         self.family, self.device, self.context, self.grad_leak = family, device, context, grad_leak
         self.stride = family.last().stride
-        # Keep the feature banks within ~2 GB: fewer images per pair when there are many pairs.
+        # Keep the feature banks within ~4 GB: fewer images per pair when there are many pairs (2,000
+        # pairs of the paper's family still get 360 images each).
         side = data.train_x.shape[-1] // 2  # begin-block output (pre-ReLU bank), then block output (strided)
         per_image = 4 * family.width * (side ** 2 + (-(-side // self.stride)) ** 2)
-        bank = max(16, min(bank, (2 << 30) // max(1, len(train) * per_image)))
+        bank = max(16, min(bank, (4 << 30) // max(1, len(train) * per_image)))
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
         x = data.train_x[pick].to(device)
         m, n = len(x), len(train)
