@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--val-every", type=int, default=10)
+    p.add_argument("--functional-bank", type=int, default=TrainConfig.functional_bank,
+                   help="training images per pair whose begin-block features the functional loss precomputes")
     p.add_argument("--finetune-epochs", default="0,1,2,5")
     p.add_argument("--finetune-from", default="best", help="recipe whose translation starts the fine-tuning")
     p.add_argument("--select-holdout", type=int, default=16,
@@ -76,7 +78,8 @@ def main(argv=None) -> None:
         for recipe in a.recipes.split(","):
             cfg = TrainConfig(recipe=recipe, epochs=a.epochs, batch_size=a.batch_size, depth=a.depth,
                               width=a.width, token_hidden=2 * a.width, channel_hidden=4 * a.width,
-                              val_every=a.val_every, seed=a.seed, device=a.device, select_holdout=a.select_holdout)
+                              val_every=a.val_every, seed=a.seed, device=a.device, select_holdout=a.select_holdout,
+                              functional_bank=a.functional_bank)
             start = time.perf_counter()
             result = train_translator(cfg, family, train, val, data)
             methods[f"kt_{recipe}"] = result.translator.translate_batch(large)

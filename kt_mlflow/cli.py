@@ -101,6 +101,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--select-holdout", type=_int, default=0,
                    help="training pairs held out to pick the kept epoch (0: pick on the validation networks, "
                         "which then flatters their evaluation)")
+    p.add_argument("--functional-bank", type=_int, default=512,
+                   help="training images per pair whose begin-block features the functional loss precomputes "
+                        "(fewer when the bank would pass 4 GB)")
     p.add_argument("--registered-name", type=_none_or(str), default=None,
                    help="registered model name (default kt-<family>-<arch>)")
     p.set_defaults(func=_train)
@@ -114,6 +117,7 @@ def train_config(a: argparse.Namespace):
         dropout=a.dropout, recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         weight_decay=a.weight_decay, mask_ratio=a.mask_ratio, noise_std=a.noise_std, augment_on=a.augment_on,
         val_every=a.val_every, seed=a.seed, device=a.device, select_holdout=a.select_holdout,
+        functional_bank=a.functional_bank,
     )
 
 
