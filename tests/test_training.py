@@ -1,5 +1,3 @@
-import dataclasses
-
 import mlflow
 import numpy as np
 import pytest
@@ -62,23 +60,6 @@ def test_select_holdout_picks_the_epoch_on_held_out_training_pairs(setup):
                          progress=False)
 
 
-def test_a_moving_average_of_the_weights_is_what_is_validated_and_kept(setup, monkeypatch):
-    family, train, val, data = setup
-    monkeypatch.setitem(RECIPES, "paper_ema", dataclasses.replace(RECIPES["paper"], name="paper_ema", ema=0.9))
-    cfg = dict(epochs=4, lr=3e-3, **{**TINY, "val_every": 1})
-    plain = train_translator(TrainConfig(recipe="paper", **cfg), family, train, val, data, progress=False)
-    averaged = train_translator(TrainConfig(recipe="paper_ema", **cfg), family, train, val, data, progress=False)
-    # same seed, same steps: the raw weights follow the same path, so the losses agree ...
-    assert [h["train_loss"] for h in averaged.history] == pytest.approx([h["train_loss"] for h in plain.history])
-    # ... but the translators validated and kept differ: the average is not the last iterate
-    a, b = plain.translator.net.state_dict(), averaged.translator.net.state_dict()
-    assert any(not torch.allclose(a[k], b[k]) for k in a if a[k].is_floating_point())
-    small = averaged.translator.translate_batch(val.part("large"))
-    acc = network_accuracy(family, val.part("begin"), small, val.part("last"), data)
-    assert abs(float(acc.mean()) - averaged.best["val_acc_mean"]) < 1e-3
-    assert RECIPES["best"].ema > 0
-
-
 @pytest.mark.parametrize("recipe", sorted(set(RECIPES) - {"paper"}))
 def test_every_recipe_trains(setup, recipe):
     family, train, val, data = setup
@@ -115,6 +96,18 @@ def _check_by_hand(family, loss, kl, feat, nets, small, images):
 def _bank_images(data, pick):
     """The images a ``FunctionalLoss(bank=40, seed=3)`` draws with indices ``pick``."""
     return data.train_x[torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(3))[:40]][pick]
+
+
+def test_functional_bank_is_a_train_option(setup):
+    """``kt train --functional-bank N``: N training images per pair in the functional loss's bank."""
+    from kt_mlflow.cli import build_parser, train_config
+
+    cfg = train_config(build_parser().parse_args(["train", "--functional-bank", "40"]))
+    assert cfg.functional_bank == 40
+    family, train, _, data = setup
+    assert FunctionalLoss(family, train, data, torch.device("cpu"), bank=cfg.functional_bank, seed=0).pre.shape[1] == 40
+    with pytest.raises(KTError, match="--functional-bank"):
+        TrainConfig(functional_bank=0).validate()
 
 
 def test_functional_loss_is_each_pairs_own_network(setup):

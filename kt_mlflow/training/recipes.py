@@ -27,7 +27,6 @@ class Recipe:
     perturb: float = 0.0          # perturb each large block (relative noise), teacher recomputed from it
     context: float = 0.0          # perturb the begin/last blocks around it too (functional loss only)
     grad_leak: float = 0.0        # gradient of the small block's hidden ReLU below zero (functional loss only)
-    ema: float = 0.0              # validate and keep a moving average of the translator's weights (decay per step)
 
     def as_params(self) -> Dict[str, object]:
         return {f"recipe_{k}" if k != "name" else "recipe": v for k, v in asdict(self).items()}
@@ -50,10 +49,9 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     # translated hidden unit can die for good. The parameter MSE is dropped (it pulls towards one
     # arbitrary member of each target's symmetry class; canonical targets then do not matter), and
     # perm_augment is left out: channel_set is invariant to those permutations already. rescale and
-    # bn_stats measured no gain on top (README), so they stay out. New networks every step make the
-    # gradient noisy; a moving average of the weights smooths that out (+1.1 points, README).
+    # bn_stats measured no gain on top (README), so they stay out.
     Recipe("best", bn_aware=True, standardize=True, arch="channel_set", param=0.0, functional=1.0,
-           features=1.0, perturb=0.2, context=0.2, grad_leak=0.05, ema=0.998),
+           features=1.0, perturb=0.2, context=0.2, grad_leak=0.05),
 )}
 
 

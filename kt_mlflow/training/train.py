@@ -9,7 +9,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
@@ -240,22 +239,6 @@ def perturb_params(state: Dict[str, torch.Tensor], strength: float, gen: torch.G
     return out
 
 
-@contextlib.contextmanager
-def _weights(params: List[torch.nn.Parameter], values: Optional[List[torch.Tensor]]):
-    """Temporarily give ``params`` the ``values`` (e.g. their moving average); a no-op for ``None``."""
-    if values is None:
-        yield
-        return
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        torch._foreach_copy_(params, values)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
-
-
 def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet, data,
                      on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
                      progress: bool = True) -> TrainResult:
@@ -303,9 +286,6 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
                   if recipe.functional > 0 or recipe.features > 0 else None)
 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    params = list(net.parameters())
-    ema = [p.detach().clone() for p in params] if recipe.ema > 0 else None
-    updates = 0
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     val_large = {k: v for k, v in val.part("large").items()}
     best: Dict[str, float] = {"val_acc_mean": -math.inf}
@@ -346,10 +326,6 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            updates += 1
-            if ema is not None:  # the plain mean of all updates until there are 1/(1 - ema) of them
-                decay = min(recipe.ema, 1.0 - 1.0 / updates)
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
             total += float(loss.detach())
             steps += 1
         sched.step()
@@ -357,15 +333,13 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
         if functional is not None:
             metrics["functional_loss"] = fn_total / steps
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            with _weights(params, ema):  # with a moving average, it is what is validated and kept
-                acc = network_accuracy(family, val.part("begin"), translator.translate_batch(val_large),
-                                       val.part("last"), data, device=device)
-                state = copy.deepcopy(net.state_dict())
+            acc = network_accuracy(family, val.part("begin"), translator.translate_batch(val_large),
+                                   val.part("last"), data, device=device)
             metrics.update(val_acc_mean=float(acc.mean()), val_acc_min=float(acc.min()), val_acc_max=float(acc.max()))
             if metrics["val_acc_mean"] > best["val_acc_mean"]:
                 best = {k: metrics[k] for k in ("val_acc_mean", "val_acc_min", "val_acc_max")}
                 best["best_epoch"] = float(epoch)
-                best_state = state
+                best_state = copy.deepcopy(net.state_dict())
         history.append(metrics)
         bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in ("train_loss", "val_acc_mean")})
         if on_epoch is not None:
