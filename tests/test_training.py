@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import mlflow
 import numpy as np
 import pytest
@@ -68,6 +70,30 @@ def test_every_recipe_trains(setup, recipe):
     r = RECIPES[recipe]
     assert ("functional_loss" in result.history[-1]) == (r.functional > 0 or r.features > 0)
     assert result.translator.arch == (r.arch or "mixer")
+
+
+def test_grad_clip_cuts_every_step_and_paper_does_not_clip(setup, monkeypatch):
+    """``recipe_grad_clip``: every step's gradient norm is cut to at most the recipe's value; ``paper``
+    (Adam as published) never clips; ``best`` clips at 1."""
+    family, train, val, data = setup
+    seen, real = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):  # record each step's norm before and after the real clipping
+        params = list(params)
+        before = float(real(params, max_norm))
+        seen.append((before, float(torch.cat([p.grad.flatten() for p in params]).norm()), max_norm))
+        return torch.tensor(before)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    train_translator(TrainConfig(recipe="paper", epochs=1, **TINY), family, train, val, data, progress=False)
+    assert seen == []
+    monkeypatch.setitem(RECIPES, "clipped", replace(RECIPES["best"], name="clipped", grad_clip=1e-3))
+    train_translator(TrainConfig(recipe="clipped", epochs=1, batch_size=4, **TINY), family, train, val, data,
+                     progress=False)
+    assert len(seen) == -(-len(train) // 4) and {m for *_, m in seen} == {1e-3}
+    assert min(before for before, *_ in seen) > 1e-3  # every step was cut ...
+    assert all(abs(after - 1e-3) < 1e-6 for _, after, _ in seen)  # ... to exactly the limit
+    assert RECIPES["best"].as_params()["recipe_grad_clip"] == 1.0
 
 
 def _check_by_hand(family, loss, kl, feat, nets, small, images):

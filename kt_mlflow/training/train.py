@@ -325,6 +325,8 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
                                     f"the augmentation strength.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
             opt.step()
             total += float(loss.detach())
             steps += 1
