@@ -1,4 +1,4 @@
-"""Pair-generation throughput: the vectorised generator (``train_pairs``) against the plain way.
+"""Pair-generation throughput: the vectorised generator against the plain way.
 
 The plain way is how a pair is usually produced: one network at a time, written in ordinary PyTorch
 modules (``PlainNet``: conv/BN/ReLU/max-pool as usual, contiguous memory format), a ``torch.utils.data.DataLoader`` (batch 128, shuffle, a random horizontal
@@ -7,13 +7,17 @@ SGD lr 0.01 momentum 0.9. Both ways run the full protocol on the same data (real
 for ``--epochs`` epochs, then the small block for ``--small-epochs`` epochs with begin/last frozen in
 eval mode; both evaluate test accuracy after each phase.
 
-    python benchmarks/generate_throughput.py                       # 1+1 epochs; 3 rounds of 3 plain vs 16 vectorised
+The vectorised generator is timed in two layouts: one process training ``--members`` networks at once
+with every core's thread (``train_pairs``), and the layout ``kt generate`` uses by default on a CPU:
+one worker process per core, each training ``--members`` networks at once with one thread
+(``ShardTrainer``; its processes are started, like every way here, before the timed rounds).
+
+    python benchmarks/generate_throughput.py                       # 1+1 epochs; 5 rounds
     python benchmarks/generate_throughput.py --epochs 10 --small-epochs 10 --members 32
 """
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
@@ -27,7 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from kt_mlflow.blocks import create_family
 from kt_mlflow.data import load_dataset
+from kt_mlflow.device import cpu_cores
 from kt_mlflow.pairs.trainer import Protocol, train_pairs
+from kt_mlflow.pairs.workers import ShardTrainer
 
 DEFAULT_ROOT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist").resolve()
 
@@ -133,8 +139,9 @@ def main(argv=None) -> None:
     ap.add_argument("--small-epochs", type=int, default=1, help="small-block epochs")
     ap.add_argument("--plain", type=int, default=3, help="networks trained the plain way per round (one after another)")
     ap.add_argument("--members", type=int, default=16, help="networks trained at once by train_pairs")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds, each timing both ways side by side")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, each timing every way side by side")
+    ap.add_argument("--threads", type=int, default=cpu_cores(), help="torch intra-op threads (plain, one process)")
+    ap.add_argument("--workers", type=int, default=0, help="worker processes of the per-core layout (0: one per core)")
     args = ap.parse_args(argv)
     print("command:", shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["generate_throughput.py", *argv]))
 
@@ -145,28 +152,49 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(data.train_x)} train / "
           f"{len(data.test_x)} test MNIST images, family {family.name}, protocol {p.as_params()}")
 
-    # Rounds alternate the two ways so that drift in the machine's speed (other tenants, frequency)
-    # hits both alike; the ratio reported is the median of the per-round ratios.
-    # One untimed pass of each way first: one-time costs (allocator, oneDNN kernel selection) would
-    # otherwise fall on whichever way runs first.
+    # Rounds alternate the ways so that drift in the machine's speed (other tenants, frequency) hits
+    # them alike; each ratio reported is the median of its per-round ratios. One untimed pass of each way
+    # first: one-time costs (process start, allocator, oneDNN kernel selection) would otherwise fall on
+    # whichever way runs first.
+    cpu = torch.device("cpu")
+    workers = ShardTrainer(family.name, "mnist", args.data_root, p, "cpu", args.workers)
+    torch.set_num_threads(args.threads)  # ShardTrainer's device pick sets every core; --threads decides here
+    w = workers.workers
+    print(f"per-core layout: {w} worker processes x {args.members} networks, "
+          f"{max(1, cpu_cores() // w)} thread(s) each")
     plain_pair(family, 999, data, p)
-    train_pairs(family, [999, 998], data, p, torch.device("cpu"))
-    ratios = []
+    train_pairs(family, [999, 998], data, p, cpu)
+    list(workers.run({i: [900 + 2 * i, 901 + 2 * i] for i in range(w)}))
+
+    def timed(fn, networks: int):
+        t0 = time.perf_counter()
+        out = fn()
+        return 60.0 * networks / (time.perf_counter() - t0), out
+
+    one, per_core = [], []
     for r in range(args.rounds):
-        t0 = time.perf_counter()
-        accs = [plain_pair(family, 1000 + args.plain * r + i, data, p) for i in range(args.plain)]
-        rate_plain = 60.0 * args.plain / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out = train_pairs(family, list(range(args.members * r, args.members * (r + 1))), data, p, torch.device("cpu"))
-        rate_vec = 60.0 * args.members / (time.perf_counter() - t0)
-        ratios.append(rate_vec / rate_plain)
+        rate_plain, accs = timed(lambda: [plain_pair(family, 1000 + args.plain * r + i, data, p) for i in range(args.plain)],
+                                 args.plain)
+        seeds = list(range(args.members * r, args.members * (r + 1)))
+        rate_one, out = timed(lambda: train_pairs(family, seeds, data, p, cpu), args.members)
+        shards = {i: list(range(10_000 + args.members * (w * r + i), 10_000 + args.members * (w * r + i + 1)))
+                  for i in range(w)}
+        rate_w, outs = timed(lambda: [o for _, o in workers.run(shards)], w * args.members)
+        one.append(rate_one / rate_plain)
+        per_core.append(rate_w / rate_plain)
+        base_w = sum(float(o["base_acc"].mean()) for o in outs) / len(outs)
+        small_w = sum(float(o["small_acc"].mean()) for o in outs) / len(outs)
         print(f"round {r + 1}: plain {args.plain} networks {rate_plain:7.2f} pairs/min "
               f"(acc base {sum(a[0] for a in accs) / len(accs):.2f}%, small {sum(a[1] for a in accs) / len(accs):.2f}%) | "
-              f"vectorised {args.members} networks {rate_vec:7.2f} pairs/min "
-              f"(acc base {out['base_acc'].mean():.2f}%, small {out['small_acc'].mean():.2f}%) | ratio {ratios[-1]:.2f}x",
-              flush=True)
-    print(f"ratio (vectorised / plain), median of {args.rounds} rounds: {statistics.median(ratios):.2f}x "
-          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+              f"one process, {args.members} networks {rate_one:7.2f} pairs/min "
+              f"(acc base {out['base_acc'].mean():.2f}%, small {out['small_acc'].mean():.2f}%) {one[-1]:.2f}x | "
+              f"{w} workers x {args.members} networks {rate_w:7.2f} pairs/min "
+              f"(acc base {base_w:.2f}%, small {small_w:.2f}%) {per_core[-1]:.2f}x", flush=True)
+    workers.close()
+    for name, ratios in (("one process", one), (f"{w} workers (kt generate's default)", per_core)):
+        print(f"ratio {name} / plain, median of {args.rounds} rounds: {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+
 
 if __name__ == "__main__":
     main()

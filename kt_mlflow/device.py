@@ -8,6 +8,14 @@ import torch
 from .errors import KTError
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu`` (using all cores)."""
     if name == "auto":
@@ -15,7 +23,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KTError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu or auto.")
     if name == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_cores())
     try:
         return torch.device(name)
     except RuntimeError:

@@ -9,12 +9,27 @@ import pytest
 import torch
 
 from conftest import REPO, kt
+from kt_mlflow.device import cpu_cores
 from kt_mlflow.errors import KTError
 from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs, plan_shards
 from kt_mlflow.pairs.store import load_split, sidecars, write_manifest
 from kt_mlflow.pairs.trainer import Protocol
 
 QUICK = Protocol(epochs=1, small_epochs=1)
+
+
+def child_pids(pid: int) -> list:
+    from pathlib import Path
+    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a zombie (dead, waiting for its reparented parent to reap it) is not."""
+    from pathlib import Path
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_shards_manifest_and_records(tiny_pairs):
@@ -72,8 +87,14 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path):
     while not list((tmp_path / "p").glob("train-*.json")):
         assert proc.poll() is None and time.time() < deadline, "generate ended before its first shard"
         time.sleep(0.1)
+    workers = child_pids(proc.pid)  # one worker process per core by default
+    assert len(workers) >= min(2, cpu_cores())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30  # the workers die with their parent instead of training on
+    while any(alive(pid) for pid in workers):
+        assert time.time() < deadline, "generate's worker processes outlived the killed run"
+        time.sleep(0.1)
     done_before = len(sidecars(tmp_path / "p", "train"))
     assert done_before < 3, "the kill came too late to test resuming"
     result = kt(*args, cwd=tmp_path, env=env)
@@ -98,13 +119,14 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     out = tmp_path / "pairs"
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "generate", "--env-manager", "local",
            "--experiment-name", "gen-test", "-P", f"output={out}", "-P", "n_pairs=2", "-P", "n_val=1",
-           "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1"]
+           "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1", "-P", "workers=1"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient()
     exp = client.get_experiment_by_name("gen-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["n_pairs"] == "2" and run.data.params["epochs"] == "1"
+    assert run.data.params["workers"] == "1" and run.data.metrics["workers"] == 1
     assert run.data.metrics["pairs_made"] == 3 and run.data.metrics["pairs_per_min"] > 0
     (inp,) = run.inputs.dataset_inputs
     manifest = json.loads((out / "manifest.json").read_text())

@@ -19,12 +19,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import create_family
-from ..data import load_dataset
-from ..device import pick_device
 from ..errors import KTError
 from .store import check_settings, sidecars, write_manifest, write_shard
-from .trainer import Protocol, train_pairs
+from .trainer import Protocol
+from .workers import ShardTrainer
 
 VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs
 
@@ -43,6 +41,7 @@ class GenerateConfig:
     members: int = 16
     protocol: Protocol = field(default_factory=Protocol)
     device: str = "auto"
+    workers: int = 0  # processes training shards side by side; 0: one per CPU core (1 on a GPU)
 
     def settings(self) -> Dict[str, object]:
         """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
@@ -54,6 +53,8 @@ class GenerateConfig:
                 raise KTError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
         if self.n_pairs + self.n_val == 0:
             raise KTError("nothing to generate: set --n-pairs and/or --n-val above 0.")
+        if self.workers < 0:
+            raise KTError(f"--workers must be >= 0 (0: one per CPU core), got {self.workers}.")
         if self.members < 1:
             raise KTError(f"--members must be >= 1 (networks trained at once), got {self.members}.")
         if self.count is not None and self.count < 1:
@@ -104,35 +105,37 @@ def _finished(folder: Path, split: str, first: int, n: int) -> bool:
 def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     """Generate (or resume) this worker's shards into ``cfg.output``; returns a summary dict."""
     cfg.validate()
-    family = create_family(cfg.family)
-    data = load_dataset(cfg.dataset, cfg.data_root)
-    device = pick_device(cfg.device)
+    # Data, device and workers first: bad input is reported before anything is written.
+    trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.protocol, cfg.device, cfg.workers)
     folder = Path(cfg.output)
     folder.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings()
     check_settings(folder, settings)
 
     plan = plan_shards(cfg)
-    todo = [s for s in plan if not _finished(folder, *s)]
+    todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
+            for split, first, n in plan if not _finished(folder, split, first, n)}
     epochs = cfg.protocol.epochs + cfg.protocol.small_epochs
-    bar = tqdm(total=sum(n for _, _, n in todo) * epochs, unit="net-epoch", desc="generate", dynamic_ncols=True)
+    bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", desc="generate",
+               dynamic_ncols=True)
     made, start = 0, time.perf_counter()
-    for split, first, n in todo:
-        seeds = [pair_seed(cfg.seed, split, first + i) for i in range(n)]
-        out = train_pairs(family, seeds, data, cfg.protocol, device, bar=_Scaled(bar, n))
-        tensors = {
-            f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
-            for part in ("begin", "large", "last", "small") for k in out[part][0]
-        }
-        records = [
-            {"index": first + i, "seed": seeds[i], "base_acc": round(float(out["base_acc"][i]), 4),
-             "small_acc": round(float(out["small_acc"][i]), 4)}
-            for i in range(n)
-        ]
-        write_shard(folder, split, first, tensors, records, settings)
-        made += n
-        if on_shard is not None:
-            on_shard(made, time.perf_counter() - start, records)
+    device, workers = trainer.device, trainer.workers
+    with trainer:
+        for (split, first, n), out in trainer.run(todo, bar):
+            seeds = todo[split, first, n]
+            tensors = {
+                f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
+                for part in ("begin", "large", "last", "small") for k in out[part][0]
+            }
+            records = [
+                {"index": first + i, "seed": seeds[i], "base_acc": round(float(out["base_acc"][i]), 4),
+                 "small_acc": round(float(out["small_acc"][i]), 4)}
+                for i in range(n)
+            ]
+            write_shard(folder, split, first, tensors, records, settings)
+            made += n
+            if on_shard is not None:
+                on_shard(made, time.perf_counter() - start, records)
     bar.close()
     elapsed = time.perf_counter() - start
     manifest = write_manifest(folder)
@@ -140,7 +143,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
         "pairs_made": made, "pairs_skipped": sum(n for _, _, n in plan) - made, "seconds": elapsed,
         "pairs_per_min": 60.0 * made / elapsed if made else 0.0, "digest": manifest["digest"],
         "n_train_total": manifest["splits"]["train"]["count"], "n_val_total": manifest["splits"]["val"]["count"],
-        "device": str(device),
+        "device": str(device), "workers": workers,
     }
     for split in ("train", "val"):
         pairs = manifest["splits"][split]["pairs"]
@@ -149,17 +152,8 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
                 summary[f"{split}_{key}_mean"] = sum(p[key] for p in pairs) / len(pairs)
     print(
         f"generate: {made} pairs made, {summary['pairs_skipped']} already there, in {elapsed:.1f} s "
-        f"({summary['pairs_per_min']:.1f} pairs/min on {device}); folder {folder} holds "
+        f"({summary['pairs_per_min']:.1f} pairs/min on {device}, {workers} worker(s)); folder {folder} holds "
         f"{summary['n_train_total']} train + {summary['n_val_total']} val pairs, digest {manifest['digest']}"
     )
     return summary
 
-
-class _Scaled:
-    """Counts one trainer epoch as ``n`` network-epochs on the shared progress bar."""
-
-    def __init__(self, bar: tqdm, n: int) -> None:
-        self.bar, self.n = bar, n
-
-    def update(self, k: int = 1) -> None:
-        self.bar.update(k * self.n)

@@ -1,0 +1,159 @@
+"""Run the generation protocol for many shards: in this process, or one worker process per CPU core.
+
+A stacked step of K small networks is a few hundred short operations; splitting each of them over two
+threads gains much less than giving each core its own K networks, its own operations and its own
+cache (``benchmarks/generate_throughput.py`` measures both layouts side by side). So on a CPU the
+default is one worker process per core, each training K networks at once with one thread. With one
+thread per worker, a shard's bits do not depend on how many cores the machine has.
+
+Example:
+    >>> from kt_mlflow.pairs.trainer import Protocol
+    >>> with ShardTrainer("paper_mnist", "digits", None, Protocol(1, 1), "cpu", 2) as t:  # doctest: +SKIP
+    ...     for key, out in t.run({"a": [0, 1], "b": [2, 3]}):
+    ...         print(key, out["base_acc"])
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Dict, Hashable, Iterator, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..blocks import create_family
+from ..data import load_dataset
+from ..device import cpu_cores, pick_device
+from ..errors import KTError
+from .trainer import Protocol, train_pairs
+
+
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """``workers=0`` (auto): one per CPU core on a CPU, 1 on a GPU (one process drives the device)."""
+    if workers < 0:
+        raise KTError(f"--workers must be >= 0 (0: one per CPU core), got {workers}.")
+    if device.type != "cpu":
+        if workers > 1:
+            raise KTError(f"--workers {workers} splits CPU cores; on {device} use --workers 1 (or 0).")
+        return 1
+    return workers or cpu_cores()
+
+
+class ShardTrainer:
+    """``train_pairs`` for a batch of shards (each a list of seeds), on ``workers`` processes.
+
+    ``workers=1`` trains in this process with every core's thread; more start that many processes, each
+    with ``cores // workers`` threads, that load the dataset once and then train shard after shard.
+    ``run`` yields ``(key, result)`` as shards finish, so the caller can write each at once; every
+    network-epoch trained, here or in a worker, counts on ``bar``.
+    """
+
+    def __init__(self, family: str, dataset: str, data_root: Optional[str], protocol: Protocol,
+                 device: str = "auto", workers: int = 0) -> None:
+        self.device = pick_device(device)
+        self.workers = resolve_workers(workers, self.device)
+        self.bar: Optional[tqdm] = None
+        # Loaded here even for worker processes: a bad data folder is reported before anything starts.
+        self.family, self.data, self.protocol = create_family(family), load_dataset(dataset, data_root), protocol
+        self.pool: Optional[ProcessPoolExecutor] = None
+        if self.workers > 1:
+            ctx = mp.get_context("spawn")  # a fresh interpreter: no OpenMP or MKL state copied by fork
+            self.progress = ctx.Queue()
+            threads = max(1, cpu_cores() // self.workers)
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_start_worker,
+                initargs=(family, dataset, data_root, protocol, threads, self.progress, os.getpid()),
+            )
+
+    def run(self, shards: Mapping[Hashable, Sequence[int]],
+            bar: Optional[tqdm] = None) -> Iterator[Tuple[Hashable, Dict[str, object]]]:
+        self.bar = bar
+        if self.pool is None:
+            for key, seeds in shards.items():
+                yield key, train_pairs(self.family, list(seeds), self.data, self.protocol, self.device,
+                                       bar=_Scaled(self.bar, len(seeds)))
+            return
+        pending: Dict[Future, Hashable] = {self.pool.submit(_train_shard, list(s)): k for k, s in shards.items()}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                self._drain_progress()
+                for future in done:
+                    yield pending.pop(future), future.result()
+        except BrokenProcessPool:
+            raise KTError(
+                "a generate worker process died (out of memory?); finished shards are kept: rerun with "
+                "fewer --workers or --members to resume."
+            ) from None
+        finally:
+            for future in pending:
+                future.cancel()
+            self._drain_progress()
+
+    def _drain_progress(self) -> None:
+        while True:
+            try:
+                n = self.progress.get_nowait()
+            except queue.Empty:
+                return
+            if self.bar is not None:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> "ShardTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Scaled:
+    """Counts one trainer epoch as ``n`` network-epochs on the shared progress bar."""
+
+    def __init__(self, bar: Optional[tqdm], n: int) -> None:
+        self.bar, self.n = bar, n
+
+    def update(self, k: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(k * self.n)
+
+
+class _QueueBar:
+    """A worker's progress bar: network-epochs go to the parent, which owns the real bar."""
+
+    def __init__(self, q, n: int) -> None:
+        self.q, self.n = q, n
+
+    def update(self, k: int = 1) -> None:
+        self.q.put(k * self.n)
+
+
+_WORKER: Dict[str, object] = {}
+
+
+def _start_worker(family: str, dataset: str, data_root: Optional[str], protocol: Protocol, threads: int,
+                  progress, parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        # Die with the parent: a killed generate run must not leave workers training on its cores.
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    torch.set_num_threads(threads)
+    _WORKER.update(family=create_family(family), data=load_dataset(dataset, data_root), protocol=protocol,
+                   progress=progress)
+
+
+def _train_shard(seeds: Sequence[int]) -> Dict[str, object]:
+    w = _WORKER
+    return train_pairs(w["family"], list(seeds), w["data"], w["protocol"], torch.device("cpu"),
+                       bar=_QueueBar(w["progress"], len(seeds)))

@@ -1,0 +1,70 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from kt_mlflow.blocks import create_family
+from kt_mlflow.data import load_dataset
+from kt_mlflow.device import cpu_cores
+from kt_mlflow.errors import KTError
+from kt_mlflow.pairs.trainer import Protocol, train_pairs
+from kt_mlflow.pairs.workers import ShardTrainer, resolve_workers
+
+QUICK = Protocol(epochs=1, small_epochs=1)
+
+
+class Counter:
+    n = 0
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+
+def test_worker_processes_train_exactly_what_one_thread_trains_here():
+    shards = {"a": [11, 12], "b": [13, 14, 15]}
+    bar = Counter()
+    with ShardTrainer("paper_mnist", "digits", None, QUICK, "cpu", workers=2) as trainer:
+        assert trainer.workers == 2
+        got = dict(trainer.run(shards, bar))
+    assert sorted(got) == ["a", "b"]
+    assert bar.n == 5 * (QUICK.epochs + QUICK.small_epochs)  # every network-epoch reached the parent's bar
+    family, data = create_family("paper_mnist"), load_dataset("digits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cpu_cores() // 2))  # a worker's thread count
+    try:
+        for key, seeds in shards.items():
+            ref = train_pairs(family, seeds, data, QUICK, torch.device("cpu"))
+            for part in ("begin", "large", "last", "small"):
+                for mine, theirs in zip(got[key][part], ref[part]):
+                    for name, t in theirs.items():
+                        torch.testing.assert_close(mine[name], t, atol=0, rtol=0)
+            torch.testing.assert_close(got[key]["base_acc"], ref["base_acc"], atol=0, rtol=0)
+            torch.testing.assert_close(got[key]["small_acc"], ref["small_acc"], atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_dead_worker_is_a_one_line_error():
+    trainer = ShardTrainer("paper_mnist", "digits", None, Protocol(epochs=20, small_epochs=20), "cpu", workers=2)
+
+    def kill_a_worker():
+        deadline = time.time() + 60
+        while not trainer.pool._processes and time.time() < deadline:
+            time.sleep(0.05)
+        next(iter(trainer.pool._processes.values())).kill()
+
+    threading.Thread(target=kill_a_worker).start()
+    with pytest.raises(KTError, match="worker process died .* rerun with fewer --workers"):
+        list(trainer.run({"a": [1], "b": [2]}))
+    trainer.close()
+
+
+def test_worker_count():
+    assert resolve_workers(0, torch.device("cpu")) == cpu_cores()
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    assert resolve_workers(0, torch.device("cuda")) == 1
+    with pytest.raises(KTError, match="on cuda use --workers 1"):
+        resolve_workers(2, torch.device("cuda"))
+    with pytest.raises(KTError, match="--workers must be >= 0"):
+        resolve_workers(-1, torch.device("cpu"))
