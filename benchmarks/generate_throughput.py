@@ -7,10 +7,11 @@ SGD lr 0.01 momentum 0.9. Both ways run the full protocol on the same data (real
 for ``--epochs`` epochs, then the small block for ``--small-epochs`` epochs with begin/last frozen in
 eval mode; both evaluate test accuracy after each phase.
 
-The vectorised generator is timed in two layouts: one process training ``--members`` networks at once
-with every core's thread (``train_pairs``), and the layout ``kt generate`` uses by default on a CPU:
-one worker process per core, each training ``--members`` networks at once with one thread
-(``ShardTrainer``; its processes are started, like every way here, before the timed rounds).
+The vectorised generator is timed three ways: one process training ``--members`` networks at once
+with every core's thread (``train_pairs``), and one worker process per core, each training
+``--members`` networks at once with one thread (``ShardTrainer``), with the grouped convolutions
+(``--kernels torch``) and with the native kernels, members interleaved: ``kt generate``'s default on a
+CPU. Worker processes are started, like every way here, before the timed rounds.
 
     python benchmarks/generate_throughput.py                       # 1+1 epochs; 5 rounds
     python benchmarks/generate_throughput.py --epochs 10 --small-epochs 10 --members 32
@@ -157,44 +158,54 @@ def main(argv=None) -> None:
     # first: one-time costs (process start, allocator, oneDNN kernel selection) would otherwise fall on
     # whichever way runs first.
     cpu = torch.device("cpu")
-    workers = ShardTrainer(family.name, "mnist", args.data_root, p, "cpu", args.workers)
+    pools = {k: ShardTrainer(family.name, "mnist", args.data_root, p, "cpu", args.workers, kernels=k)
+             for k in ("torch", "native")}
     torch.set_num_threads(args.threads)  # ShardTrainer's device pick sets every core; --threads decides here
-    w = workers.workers
+    w = pools["native"].workers
     print(f"per-core layout: {w} worker processes x {args.members} networks, "
           f"{max(1, cpu_cores() // w)} thread(s) each")
+
+    def per_core(kernels: str, first: int):
+        shards = {i: list(range(first + args.members * i, first + args.members * (i + 1))) for i in range(w)}
+        return [o for _, o in pools[kernels].run(shards)]
+
+    # name -> (networks per round, run(round) -> list of train_pairs outputs)
+    ways = {
+        f"one process, {args.members} networks, native kernels":
+            (args.members, lambda r: [train_pairs(family, list(range(args.members * r, args.members * (r + 1))),
+                                                  data, p, cpu, kernels="native")]),
+        f"{w} workers x {args.members} networks, torch kernels":
+            (w * args.members, lambda r: per_core("torch", 10_000 + 1000 * r)),
+        f"{w} workers x {args.members} networks, native kernels (kt generate's default)":
+            (w * args.members, lambda r: per_core("native", 10_000 + 1000 * r)),
+    }
     plain_pair(family, 999, data, p)
-    train_pairs(family, [999, 998], data, p, cpu)
-    list(workers.run({i: [900 + 2 * i, 901 + 2 * i] for i in range(w)}))
+    for _, run in ways.values():
+        run(args.rounds)  # seeds no timed round uses
 
     def timed(fn, networks: int):
         t0 = time.perf_counter()
         out = fn()
         return 60.0 * networks / (time.perf_counter() - t0), out
 
-    one, per_core = [], []
+    ratios = {name: [] for name in ways}
     for r in range(args.rounds):
         rate_plain, accs = timed(lambda: [plain_pair(family, 1000 + args.plain * r + i, data, p) for i in range(args.plain)],
                                  args.plain)
-        seeds = list(range(args.members * r, args.members * (r + 1)))
-        rate_one, out = timed(lambda: train_pairs(family, seeds, data, p, cpu), args.members)
-        shards = {i: list(range(10_000 + args.members * (w * r + i), 10_000 + args.members * (w * r + i + 1)))
-                  for i in range(w)}
-        rate_w, outs = timed(lambda: [o for _, o in workers.run(shards)], w * args.members)
-        one.append(rate_one / rate_plain)
-        per_core.append(rate_w / rate_plain)
-        base_w = sum(float(o["base_acc"].mean()) for o in outs) / len(outs)
-        small_w = sum(float(o["small_acc"].mean()) for o in outs) / len(outs)
-        print(f"round {r + 1}: plain {args.plain} networks {rate_plain:7.2f} pairs/min "
-              f"(acc base {sum(a[0] for a in accs) / len(accs):.2f}%, small {sum(a[1] for a in accs) / len(accs):.2f}%) | "
-              f"one process, {args.members} networks {rate_one:7.2f} pairs/min "
-              f"(acc base {out['base_acc'].mean():.2f}%, small {out['small_acc'].mean():.2f}%) {one[-1]:.2f}x | "
-              f"{w} workers x {args.members} networks {rate_w:7.2f} pairs/min "
-              f"(acc base {base_w:.2f}%, small {small_w:.2f}%) {per_core[-1]:.2f}x", flush=True)
-    workers.close()
-    for name, ratios in (("one process", one), (f"{w} workers (kt generate's default)", per_core)):
-        print(f"ratio {name} / plain, median of {args.rounds} rounds: {statistics.median(ratios):.2f}x "
-              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
-
+        line = [f"round {r + 1}: plain {args.plain} networks {rate_plain:7.2f} pairs/min (acc base "
+                f"{sum(a[0] for a in accs) / len(accs):.2f}%, small {sum(a[1] for a in accs) / len(accs):.2f}%)"]
+        for name, (networks, run) in ways.items():
+            rate, outs = timed(lambda: run(r), networks)
+            ratios[name].append(rate / rate_plain)
+            base = sum(float(o["base_acc"].mean()) for o in outs) / len(outs)
+            small = sum(float(o["small_acc"].mean()) for o in outs) / len(outs)
+            line.append(f"{name} {rate:7.2f} pairs/min (acc base {base:.2f}%, small {small:.2f}%) {ratios[name][-1]:.2f}x")
+        print(" | ".join(line), flush=True)
+    for pool in pools.values():
+        pool.close()
+    for name, rs in ratios.items():
+        print(f"ratio {name} / plain, median of {args.rounds} rounds: {statistics.median(rs):.2f}x "
+              f"(min {min(rs):.2f}x, max {max(rs):.2f}x)")
 
 if __name__ == "__main__":
     main()

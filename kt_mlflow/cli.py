@@ -58,6 +58,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--workers", type=_int, default=0,
                    help="processes training shards side by side, each with its own --members networks "
                         "(0: one per CPU core; 1 on a GPU)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "native", "torch"),
+                   help="convolutions: native (CPU kernels built with the C++ compiler, members interleaved), "
+                        "torch (grouped convolutions), auto (native on a CPU when they build)")
     p.add_argument("--epochs", type=_int, default=3, help="base-network epochs (paper: 10)")
     p.add_argument("--small-epochs", type=_int, default=3, help="small-block epochs (paper: 10)")
     p.add_argument("--lr", type=float, default=0.01)
@@ -75,7 +78,7 @@ def _generate(a: argparse.Namespace) -> None:
     cfg = GenerateConfig(
         output=a.output, family=a.family, dataset=a.dataset, data_root=a.data_root, n_pairs=a.n_pairs,
         n_val=a.n_val, seed=a.seed, start_index=a.start_index, count=a.count, members=a.members,
-        workers=a.workers, device=a.device, protocol=Protocol(a.epochs, a.small_epochs, a.lr, a.momentum, a.batch_size, a.flip),
+        workers=a.workers, kernels=a.kernels, device=a.device, protocol=Protocol(a.epochs, a.small_epochs, a.lr, a.momentum, a.batch_size, a.flip),
     )
     run_id = run_generate(cfg, experiment=a.experiment_name)
     print(f"generate run: {run_id}")

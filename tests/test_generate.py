@@ -119,7 +119,8 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     out = tmp_path / "pairs"
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "generate", "--env-manager", "local",
            "--experiment-name", "gen-test", "-P", f"output={out}", "-P", "n_pairs=2", "-P", "n_val=1",
-           "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1", "-P", "workers=1"]
+           "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1", "-P", "workers=1",
+           "-P", "kernels=torch"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient()
@@ -127,6 +128,7 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["n_pairs"] == "2" and run.data.params["epochs"] == "1"
     assert run.data.params["workers"] == "1" and run.data.metrics["workers"] == 1
+    assert run.data.params["kernels"] == "torch" and run.data.metrics["native_kernels"] == 0
     assert run.data.metrics["pairs_made"] == 3 and run.data.metrics["pairs_per_min"] > 0
     (inp,) = run.inputs.dataset_inputs
     manifest = json.loads((out / "manifest.json").read_text())

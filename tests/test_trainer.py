@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from kt_mlflow.blocks import KTNetwork, create_family, stack_states
 from kt_mlflow.data import ImageData, load_dataset
-from kt_mlflow.pairs.trainer import Protocol, accuracy_members, epoch_plans, members_input, train_pairs
+from kt_mlflow.blocks.layers import set_interleaved
+from kt_mlflow.blocks.native import available as native_available
+from kt_mlflow.pairs.trainer import Protocol, accuracy_members, epoch_plans, train_pairs
 
 MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 SEEDS = [11, 2024, 7]
@@ -90,10 +92,10 @@ def assert_same_networks(out, refs, rtol: float, atol: float) -> None:
 
 def test_vectorised_equals_one_by_one_float64(mnist):
     """The whole protocol (2 + 2 epochs of 2 batches, 8 SGD steps) in float64: every parameter and BN
-    statistic. (Only 256 images: torch's float64 CPU grouped convolution is a slow per-group loop.)"""
+    statistic, with the native kernels (members interleaved) that generation uses on a CPU."""
     family, p = create_family("paper_mnist"), Protocol(epochs=2, small_epochs=2)
     data = as_double(ImageData(mnist.name, mnist.train_x[:256], mnist.train_y[:256], mnist.test_x, mnist.test_y))
-    out = train_pairs(family, SEEDS, data, p, torch.device("cpu"))
+    out = train_pairs(family, SEEDS, data, p, torch.device("cpu"), kernels="native")
     refs = [reference_pair(family, s, data, p) for s in SEEDS]
     assert out["large"][0]["conv1.weight"].dtype == torch.float64
     assert_same_networks(out, refs, rtol=1e-9, atol=1e-11)
@@ -127,16 +129,20 @@ def test_vectorised_equals_one_by_one_float32_few_steps(f32_run):
     assert_same_networks(out, refs, rtol=1e-3, atol=1e-4)
 
 
-def test_vectorised_without_flips(mnist):
+@pytest.mark.parametrize("kernels", ["torch", "native"])
+def test_vectorised_without_flips(mnist, kernels):
+    """Both layouts: grouped convolutions (``torch``, as on a GPU) and interleaved members (``native``)."""
     family, p = create_family("paper_mnist"), Protocol(epochs=1, small_epochs=1, flip=False, batch_size=100)
     data = as_double(ImageData(mnist.name, mnist.train_x[:200], mnist.train_y[:200], mnist.test_x[:200], mnist.test_y[:200]))
-    out = train_pairs(family, SEEDS[:2], data, p, torch.device("cpu"))
+    out = train_pairs(family, SEEDS[:2], data, p, torch.device("cpu"), kernels=kernels)
     refs = [reference_pair(family, s, data, p) for s in SEEDS[:2]]
     assert_same_networks(out, refs, rtol=1e-9, atol=1e-11)
 
 
-def test_bn_running_stats_are_per_member(mnist):
-    """Each member's BN statistics see only that member's images."""
+@pytest.mark.parametrize("interleaved", [False, True], ids=["member-major", "interleaved"])
+def test_bn_running_stats_are_per_member(mnist, interleaved):
+    """Each member's BN statistics see only that member's images, in both channel layouts."""
+    assert native_available() or not interleaved, "the native kernels did not build (is g++ installed?)"
     family, k = create_family("paper_mnist"), 3
     singles = []
     for s in SEEDS:
@@ -145,10 +151,10 @@ def test_bn_running_stats_are_per_member(mnist):
         singles.append(net.double().train())
     stacked = family.base_network(k)
     stacked.load_state_dict(stack_states([n.state_dict() for n in singles]))
-    stacked = stacked.double().to(memory_format=torch.channels_last).train()
+    stacked = set_interleaved(stacked, interleaved).double().to(memory_format=torch.channels_last).train()
     x = mnist.train_x[:64].double()
     per_member = torch.stack([x * (m + 1) + m for m in range(k)], dim=1)  # (B, K, C, H, W): distinct inputs
-    out = stacked(members_input(per_member, k))
+    out = stacked(stacked.stack_input(per_member))
     for m, net in enumerate(singles):
         ref = net(per_member[:, m])
         torch.testing.assert_close(out.view(len(x), k, -1)[:, m], ref, rtol=1e-10, atol=1e-12)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import StackedLinear, conv, conv_out_size
+from .layers import StackedBatchNorm2d, StackedLinear, conv, conv_out_size
+from .native import member_conv2d_max_pool
 
 
 class BeginBlock(nn.Module):
@@ -29,7 +30,7 @@ class BeginBlock(nn.Module):
         super().__init__()
         self.members, self.kernel = members, kernel
         self.conv = conv(cin, width, kernel, members=members)
-        self.bn = nn.BatchNorm2d(width * members)
+        self.bn = StackedBatchNorm2d(width, members)
 
     def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         if self.training and moments is None:
@@ -47,10 +48,13 @@ class BeginBlock(nn.Module):
             mean, var = self.bn.running_mean, self.bn.running_var
         scale = self.bn.weight * torch.rsqrt(var + self.bn.eps)
         weight = self.conv.weight * scale[:, None, None, None]  # keeps the conv weight's memory format
-        y = F.conv2d(x, weight, None, padding=self.conv.padding, groups=self.members)
+        if self.conv.interleaved and not x.requires_grad:  # fused: no full-resolution tensor in memory
+            y = member_conv2d_max_pool(x, weight, self.members, (3, 2, 1))
+        else:
+            y = F.max_pool2d(self.conv.run(x, weight), 3, stride=2, padding=1)
         # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
-        shift = self.bn.bias - mean * scale
-        return F.max_pool2d(y, 3, stride=2, padding=1) + shift[:, None, None]
+        shift = self.bn.channels(self.bn.bias - mean * scale)
+        return y + shift[:, None, None]
 
     def _batch_stats(self, s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The conv output's batch mean and (biased) variance from the input patches' moment sums.
@@ -91,13 +95,6 @@ class BeginBlock(nn.Module):
         return torch.cat(s1).double(), torch.cat(s2).double()
 
 
-def _strided(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
-    """``conv(x)[:, :, ::stride, ::stride]`` for a stride-1 "same" conv, computing only those outputs."""
-    if stride == 1:
-        return conv(x)
-    return F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=conv.padding, groups=conv.groups)
-
-
 def relu_leaky_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
     """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0`` (1 where ``x > 0``)."""
     leak = slope * x.clamp(max=0)
@@ -114,9 +111,9 @@ class BasicBlock(nn.Module):
     def __init__(self, width: int, hidden: int, kernel: int, members: int = 1) -> None:
         super().__init__()
         self.conv1 = conv(width, hidden, kernel, members=members)
-        self.bn1 = nn.BatchNorm2d(hidden * members)
+        self.bn1 = StackedBatchNorm2d(hidden, members)
         self.conv2 = conv(hidden, width, kernel, members=members)
-        self.bn2 = nn.BatchNorm2d(width * members)
+        self.bn2 = StackedBatchNorm2d(width, members)
 
     def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """``stride``: return only every stride-th position (all a strided reader looks at). In eval
@@ -125,7 +122,7 @@ class BasicBlock(nn.Module):
         if self.training:
             y = self.bn2(self.conv2(out))[:, :, ::stride, ::stride]
         else:
-            y = self.bn2(_strided(self.conv2, out, stride))
+            y = self.bn2(self.conv2(out, stride))  # a "same" conv at stride s: conv(x)[::s, ::s]
         return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
 
     @staticmethod
@@ -169,7 +166,7 @@ class BottleneckBlock(nn.Module):
         """``stride``: compute only every stride-th output position (no BN, so exact in training too)."""
         h = self.conv1(x)
         h = F.relu(h, inplace=True) if self.grad_leak == 0 else relu_leaky_grad(h, self.grad_leak)
-        y = _strided(self.conv2, h, stride)
+        y = self.conv2(h, stride)  # a "same" conv at stride s: conv(x)[::s, ::s]
         return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
 
     @staticmethod
@@ -202,7 +199,7 @@ class LastBlock(nn.Module):
         # backward of a strided 1x1 conv on channels-last input returns wrong weight gradients.
         self.stride = 2
         self.conv = conv(width, last_width, 1, members=members)
-        self.bn = nn.BatchNorm2d(last_width * members)
+        self.bn = StackedBatchNorm2d(last_width, members)
         out = conv_out_size(spatial, 1, self.stride, 0)
         self.fc = StackedLinear(last_width * out * out, num_classes, members=members)
 
@@ -211,16 +208,27 @@ class LastBlock(nn.Module):
         if not subsampled:
             x = x[:, :, :: self.stride, :: self.stride]
         x = F.relu(self.bn(self.conv(x)), inplace=True)
+        if self.conv.interleaved:  # the head reads each member's features in (C, H, W) order
+            x = x.unflatten(1, (-1, self.members)).transpose(1, 2)
         return self.fc(x.reshape(x.shape[0], -1))
 
 
 class KTNetwork(nn.Module):
     """begin -> block -> last. Input ``(B, members*C, H, W)``, output ``(B, members*num_classes)``."""
 
+    interleaved = False  # the channel layout of the input and activations (``layers.set_interleaved``)
+
     def __init__(self, begin: nn.Module, block: nn.Module, last: nn.Module, members: int = 1) -> None:
         super().__init__()
         self.members = members
         self.begin, self.block, self.last = begin, block, last
+
+    def stack_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-member images ``(B, members, C, H, W)`` -> this network's input, in its channel layout."""
+        b, k, c, h, w = x.shape
+        if self.interleaved:
+            x = x.transpose(1, 2)
+        return x.reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """``moments``: the batch's input patch moments, for the begin block's exact BN shortcut."""

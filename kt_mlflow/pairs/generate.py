@@ -42,6 +42,7 @@ class GenerateConfig:
     protocol: Protocol = field(default_factory=Protocol)
     device: str = "auto"
     workers: int = 0  # processes training shards side by side; 0: one per CPU core (1 on a GPU)
+    kernels: str = "auto"  # native (members interleaved, CPU), torch (grouped convolutions), auto
 
     def settings(self) -> Dict[str, object]:
         """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
@@ -106,7 +107,8 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     """Generate (or resume) this worker's shards into ``cfg.output``; returns a summary dict."""
     cfg.validate()
     # Data, device and workers first: bad input is reported before anything is written.
-    trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.protocol, cfg.device, cfg.workers)
+    trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.protocol, cfg.device, cfg.workers,
+                           cfg.kernels)
     folder = Path(cfg.output)
     folder.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings()
@@ -119,7 +121,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", desc="generate",
                dynamic_ncols=True)
     made, start = 0, time.perf_counter()
-    device, workers = trainer.device, trainer.workers
+    device, workers, kernels = trainer.device, trainer.workers, trainer.kernels
     with trainer:
         for (split, first, n), out in trainer.run(todo, bar):
             seeds = todo[split, first, n]
@@ -143,7 +145,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
         "pairs_made": made, "pairs_skipped": sum(n for _, _, n in plan) - made, "seconds": elapsed,
         "pairs_per_min": 60.0 * made / elapsed if made else 0.0, "digest": manifest["digest"],
         "n_train_total": manifest["splits"]["train"]["count"], "n_val_total": manifest["splits"]["val"]["count"],
-        "device": str(device), "workers": workers,
+        "device": str(device), "workers": workers, "native_kernels": kernels == "native",
     }
     for split in ("train", "val"):
         pairs = manifest["splits"][split]["pairs"]
@@ -152,7 +154,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
                 summary[f"{split}_{key}_mean"] = sum(p[key] for p in pairs) / len(pairs)
     print(
         f"generate: {made} pairs made, {summary['pairs_skipped']} already there, in {elapsed:.1f} s "
-        f"({summary['pairs_per_min']:.1f} pairs/min on {device}, {workers} worker(s)); folder {folder} holds "
+        f"({summary['pairs_per_min']:.1f} pairs/min on {device}, {workers} worker(s), {kernels} kernels); folder {folder} holds "
         f"{summary['n_train_total']} train + {summary['n_val_total']} val pairs, digest {manifest['digest']}"
     )
     return summary

@@ -17,6 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import BlockFamily, stack_states, unstack_state
+from ..blocks.layers import set_interleaved
+from ..blocks.native import use_native
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,6 @@ def epoch_plans(seed: int, phase: int, epochs: int, n: int) -> List[tuple]:
     """Per epoch, the sample order and the horizontal-flip mask of one network: its own data order."""
     g = torch.Generator().manual_seed(_mix(seed, phase))
     return [(torch.randperm(n, generator=g), torch.rand(n, generator=g) < 0.5) for _ in range(epochs)]
-
-
-def members_input(x: torch.Tensor, members: int) -> torch.Tensor:
-    """``(B, K, C, H, W)`` per-member images -> the stacked network's ``(B, K*C, H, W)`` input."""
-    b, k, c, h, w = x.shape
-    return x.reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
 
 
 class _KeepHeap:
@@ -126,7 +122,7 @@ def train_members(
                 moments = None
                 if table is not None:
                     moments = (table[0][idx].sum(0), table[1][idx].sum(0), idx.shape[0] * positions)
-                out = net(members_input(images[idx], k), moments)  # (b, K*classes)
+                out = net(net.stack_input(images[idx]), moments)  # (b, K*classes)
                 b = out.shape[0]
                 # mean over b*K, times K: the sum of the members' own mean losses.
                 loss = F.cross_entropy(out.view(b * k, -1), labels[idx].view(b * k)) * k
@@ -149,7 +145,7 @@ def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: 
     with _KeepHeap():
         for start in range(0, len(x), chunk):
             xb = x[start: start + chunk]
-            out = net(members_input(xb[:, None].expand(-1, members, -1, -1, -1), members))
+            out = net(net.stack_input(xb[:, None].expand(-1, members, -1, -1, -1)))
             pred = out.view(len(xb), members, -1).argmax(-1)  # (b, K)
             correct += (pred == y[start: start + chunk, None]).sum(0)
     net.train(was_training)
@@ -163,27 +159,31 @@ def train_pairs(
     protocol: Protocol,
     device: torch.device,
     bar: Optional[tqdm] = None,
+    kernels: str = "auto",
 ) -> Dict[str, object]:
     """Run the generation protocol (KT_SPEC.md steps 1-3) for len(seeds) networks at once.
 
     Returns the per-member states of begin / large / last / small and both accuracies. The networks
     take the dtype of ``data``: float32 normally, float64 for the exact equivalence tests.
+    ``kernels``: see ``blocks.native.use_native`` (the same networks either way, other float rounding).
     """
     k = len(seeds)
+    native = use_native(kernels, device)
     inits = [family.init_pair(s) for s in seeds]
     x, y = data.train_x.to(device), data.train_y.to(device)
     tx, ty = data.test_x.to(device), data.test_y.to(device)
 
     base = family.base_network(k)
     base.load_state_dict(stack_states([b for b, _ in inits]))
-    base = base.to(device, dtype=x.dtype, memory_format=torch.channels_last).train()
+    base = set_interleaved(base, native).to(device, dtype=x.dtype, memory_format=torch.channels_last).train()
     train_members(base, base.parameters(), x, y, seeds, 0, protocol.epochs, protocol, bar)
     base_acc = accuracy_members(base, tx, ty, k)
 
     # Step 3: begin and last frozen (parameters and BN statistics); only the small block learns.
     small = family.small_block(k)
     small.load_state_dict(stack_states([s for _, s in inits]))
-    comp = type(base)(base.begin, small.to(device, dtype=x.dtype, memory_format=torch.channels_last), base.last, k)
+    small = small.to(device, dtype=x.dtype, memory_format=torch.channels_last)
+    comp = set_interleaved(type(base)(base.begin, small, base.last, k), native)
     for frozen in (comp.begin, comp.last):
         frozen.eval().requires_grad_(False)
     comp.block.train()

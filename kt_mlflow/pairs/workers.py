@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..blocks import create_family
+from ..blocks.native import use_native
 from ..data import load_dataset
 from ..device import cpu_cores, pick_device
 from ..errors import KTError
@@ -56,9 +57,12 @@ class ShardTrainer:
     """
 
     def __init__(self, family: str, dataset: str, data_root: Optional[str], protocol: Protocol,
-                 device: str = "auto", workers: int = 0) -> None:
+                 device: str = "auto", workers: int = 0, kernels: str = "auto") -> None:
         self.device = pick_device(device)
         self.workers = resolve_workers(workers, self.device)
+        # Resolved (and the native kernels built) here, once, before any worker starts.
+        self.native = use_native(kernels, self.device)
+        self.kernels = "native" if self.native else "torch"
         self.bar: Optional[tqdm] = None
         # Loaded here even for worker processes: a bad data folder is reported before anything starts.
         self.family, self.data, self.protocol = create_family(family), load_dataset(dataset, data_root), protocol
@@ -69,7 +73,7 @@ class ShardTrainer:
             threads = max(1, cpu_cores() // self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_start_worker,
-                initargs=(family, dataset, data_root, protocol, threads, self.progress, os.getpid()),
+                initargs=(family, dataset, data_root, protocol, self.kernels, threads, self.progress, os.getpid()),
             )
 
     def run(self, shards: Mapping[Hashable, Sequence[int]],
@@ -78,7 +82,7 @@ class ShardTrainer:
         if self.pool is None:
             for key, seeds in shards.items():
                 yield key, train_pairs(self.family, list(seeds), self.data, self.protocol, self.device,
-                                       bar=_Scaled(self.bar, len(seeds)))
+                                       bar=_Scaled(self.bar, len(seeds)), kernels=self.kernels)
             return
         pending: Dict[Future, Hashable] = {self.pool.submit(_train_shard, list(s)): k for k, s in shards.items()}
         try:
@@ -142,8 +146,8 @@ class _QueueBar:
 _WORKER: Dict[str, object] = {}
 
 
-def _start_worker(family: str, dataset: str, data_root: Optional[str], protocol: Protocol, threads: int,
-                  progress, parent: int) -> None:
+def _start_worker(family: str, dataset: str, data_root: Optional[str], protocol: Protocol, kernels: str,
+                  threads: int, progress, parent: int) -> None:
     if sys.platform.startswith("linux"):
         # Die with the parent: a killed generate run must not leave workers training on its cores.
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -151,10 +155,10 @@ def _start_worker(family: str, dataset: str, data_root: Optional[str], protocol:
             os._exit(1)
     torch.set_num_threads(threads)
     _WORKER.update(family=create_family(family), data=load_dataset(dataset, data_root), protocol=protocol,
-                   progress=progress)
+                   kernels=kernels, progress=progress)
 
 
 def _train_shard(seeds: Sequence[int]) -> Dict[str, object]:
     w = _WORKER
     return train_pairs(w["family"], list(seeds), w["data"], w["protocol"], torch.device("cpu"),
-                       bar=_QueueBar(w["progress"], len(seeds)))
+                       bar=_QueueBar(w["progress"], len(seeds)), kernels=w["kernels"])

@@ -1,0 +1,310 @@
+// Convolutions of K stacked networks on a CPU, members interleaved: the member index is the innermost
+// axis of every tensor, so one SIMD vector holds the same channel of 8 or 16 networks and every
+// multiply-add is useful. (A grouped convolution in oneDNN pads each network's few channels to a
+// 16-channel block; with 6 channels per network most of its arithmetic is on padding.)
+//
+// Layouts (K members, T = k*k taps, "same" padding k/2, stride s):
+//   x   (B, H, W, Ci, K)      input
+//   wv  (T, Ci, Co, K)        weights, wv[t][i][o][m] = weight of member m, out o, in i, tap t
+//   out (B, Ho, Wo, Co, K)    output
+// Built by kt_mlflow/blocks/native.py with the machine's C++ compiler; plain C++ with GCC/Clang vector
+// extensions (no intrinsics), so it compiles for whatever SIMD width the machine has.
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+template <typename T>
+struct Vec {
+    typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+};
+
+template <typename W, typename T>
+inline W load(const T* p) { W v; std::memcpy(&v, p, sizeof(W)); return v; }
+template <typename W, typename T>
+inline void store(T* p, W v) { std::memcpy(p, &v, sizeof(W)); }
+
+struct Shape {
+    long B, H, W, Ci, Co, K, k, s, Ho, Wo;
+    long pad() const { return k / 2; }
+    long x_at(long b, long h, long w, long c) const { return (((b * H + h) * W + w) * Ci + c) * K; }
+    long out_at(long b, long h, long w, long c) const { return (((b * Ho + h) * Wo + w) * Co + c) * K; }
+    long w_at(long t, long i, long o) const { return ((t * Ci + i) * Co + o) * K; }
+};
+
+// Calls f.template run<N>() with the compile-time block size N = min(n, 6): register tiles of fixed size.
+template <typename F>
+inline void with_block(long n, F&& f) {
+    switch (std::min<long>(n, 6)) {
+        case 6: f.template run<6>(); break;
+        case 5: f.template run<5>(); break;
+        case 4: f.template run<4>(); break;
+        case 3: f.template run<3>(); break;
+        case 2: f.template run<2>(); break;
+        default: f.template run<1>(); break;
+    }
+}
+
+// ---- forward: OB outputs x P neighbouring positions in registers; lanes m .. m + |W| of the members.
+template <typename T, typename W, int OB, int P>
+inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b, long ho, long wo, long o0, long m) {
+    W acc[P][OB];
+    for (int p = 0; p < P; ++p)
+        for (int o = 0; o < OB; ++o) acc[p][o] = W{};
+    for (long dh = 0; dh < S.k; ++dh) {
+        const long hi = ho * S.s + dh - S.pad();
+        if (hi < 0 || hi >= S.H) continue;
+        for (long dw = 0; dw < S.k; ++dw) {
+            const long wi0 = wo * S.s + dw - S.pad();
+            for (long i = 0; i < S.Ci; ++i) {
+                W w[OB];
+                for (int o = 0; o < OB; ++o) w[o] = load<W>(wv + S.w_at(dh * S.k + dw, i, o0 + o) + m);
+                for (int p = 0; p < P; ++p) {
+                    const long wi = wi0 + p * S.s;
+                    if (wi < 0 || wi >= S.W) continue;
+                    const W xv = load<W>(x + S.x_at(b, hi, wi, i) + m);
+                    for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
+                }
+            }
+        }
+    }
+    for (int p = 0; p < P; ++p)
+        for (int o = 0; o < OB; ++o) store(out + S.out_at(b, ho, wo + p, o0 + o) + m, acc[p][o]);
+}
+
+template <typename T, typename W>
+struct Forward {
+    const Shape& S; const T* x; const T* wv; T* out; long b, o0, m;
+    template <int OB> void run() {
+        for (long ho = 0; ho < S.Ho; ++ho) {
+            long wo = 0;
+            for (; wo + 4 <= S.Wo; wo += 4) forward_tile<T, W, OB, 4>(S, x, wv, out, b, ho, wo, o0, m);
+            for (; wo < S.Wo; ++wo) forward_tile<T, W, OB, 1>(S, x, wv, out, b, ho, wo, o0, m);
+        }
+    }
+};
+
+// ---- backward to the input: each output's gradient is scattered to the inputs it read (any stride).
+template <typename T, typename W>
+struct BackwardData {
+    const Shape& S; const T* g; const T* wv; T* gx; long b, o0, m;
+    template <int OB> void run() {
+        for (long ho = 0; ho < S.Ho; ++ho)
+            for (long wo = 0; wo < S.Wo; ++wo) {
+                W gv[OB];
+                for (int o = 0; o < OB; ++o) gv[o] = load<W>(g + S.out_at(b, ho, wo, o0 + o) + m);
+                for (long dh = 0; dh < S.k; ++dh) {
+                    const long hi = ho * S.s + dh - S.pad();
+                    if (hi < 0 || hi >= S.H) continue;
+                    for (long dw = 0; dw < S.k; ++dw) {
+                        const long wi = wo * S.s + dw - S.pad();
+                        if (wi < 0 || wi >= S.W) continue;
+                        for (long i = 0; i < S.Ci; ++i) {
+                            T* px = gx + S.x_at(b, hi, wi, i) + m;
+                            W a = load<W>(px);
+                            for (int o = 0; o < OB; ++o) a += gv[o] * load<W>(wv + S.w_at(dh * S.k + dw, i, o0 + o) + m);
+                            store(px, a);
+                        }
+                    }
+                }
+            }
+    }
+};
+
+// ---- backward to the weights: IB inputs x OB outputs of one tap in registers over one image.
+template <typename T, typename W, int IB>
+struct BackwardWeightTile {
+    const Shape& S; const T* x; const T* g; T* gw; long b, t, i0, o0, m;
+    template <int OB> void run() {
+        const long dh = t / S.k, dw = t % S.k;
+        W acc[IB][OB];
+        for (int i = 0; i < IB; ++i)
+            for (int o = 0; o < OB; ++o) acc[i][o] = W{};
+        // output columns whose input column is inside the image
+        long lo = 0, hi_w = S.Wo;
+        while (lo < hi_w && lo * S.s + dw - S.pad() < 0) ++lo;
+        while (hi_w > lo && (hi_w - 1) * S.s + dw - S.pad() >= S.W) --hi_w;
+        for (long ho = 0; ho < S.Ho; ++ho) {
+            const long hi = ho * S.s + dh - S.pad();
+            if (hi < 0 || hi >= S.H) continue;
+            for (long wo = lo; wo < hi_w; ++wo) {
+                const long wi = wo * S.s + dw - S.pad();
+                W gv[OB];
+                for (int o = 0; o < OB; ++o) gv[o] = load<W>(g + S.out_at(b, ho, wo, o0 + o) + m);
+                for (int i = 0; i < IB; ++i) {
+                    const W xv = load<W>(x + S.x_at(b, hi, wi, i0 + i) + m);
+                    for (int o = 0; o < OB; ++o) acc[i][o] += xv * gv[o];
+                }
+            }
+        }
+        for (int i = 0; i < IB; ++i)
+            for (int o = 0; o < OB; ++o) {
+                T* p = gw + S.w_at(t, i0 + i, o0 + o) + m;
+                store(p, load<W>(p) + acc[i][o]);
+            }
+    }
+};
+
+template <typename T, typename W>
+struct BackwardWeight {
+    const Shape& S; const T* x; const T* g; T* gw; long b, t, i0, m;
+    template <int IB> void run() {
+        for (long o0 = 0; o0 < S.Co; o0 += 6)
+            with_block(S.Co - o0, BackwardWeightTile<T, W, IB>{S, x, g, gw, b, t, i0, o0, m});
+    }
+};
+
+// Every image, every lane chunk (full vectors, then single lanes for a remainder of members).
+template <typename T, typename Body>
+inline void each_image_and_lanes(const Shape& S, Body&& body) {
+    typedef typename Vec<T>::type W;
+    const long lanes = sizeof(W) / sizeof(T);
+    for (long b = 0; b < S.B; ++b) {
+        long m = 0;
+        for (; m + lanes <= S.K; m += lanes) body.template run<W>(b, m);
+        for (; m < S.K; ++m) body.template run<T>(b, m);
+    }
+}
+
+template <typename T>
+struct ForwardAll {
+    const Shape& S; const T* x; const T* wv; T* out;
+    template <typename W> void run(long b, long m) {
+        for (long o0 = 0; o0 < S.Co; o0 += 6) with_block(S.Co - o0, Forward<T, W>{S, x, wv, out, b, o0, m});
+    }
+};
+
+template <typename T>
+struct BackwardDataAll {
+    const Shape& S; const T* g; const T* wv; T* gx;
+    template <typename W> void run(long b, long m) {
+        for (long o0 = 0; o0 < S.Co; o0 += 6) with_block(S.Co - o0, BackwardData<T, W>{S, g, wv, gx, b, o0, m});
+    }
+};
+
+template <typename T>
+struct BackwardWeightAll {
+    const Shape& S; const T* x; const T* g; T* gw;
+    template <typename W> void run(long b, long m) {
+        for (long t = 0; t < S.k * S.k; ++t)
+            for (long i0 = 0; i0 < S.Ci; i0 += 3) {
+                const long n = std::min<long>(3, S.Ci - i0);
+                if (n == 3) BackwardWeight<T, W>{S, x, g, gw, b, t, i0, m}.template run<3>();
+                else if (n == 2) BackwardWeight<T, W>{S, x, g, gw, b, t, i0, m}.template run<2>();
+                else BackwardWeight<T, W>{S, x, g, gw, b, t, i0, m}.template run<1>();
+            }
+    }
+};
+
+// ---- the first block's convolution fused with its max-pooling: the full-resolution output of one
+// image lives in a cache-sized buffer only, never in memory as a whole batch.
+struct Pool {
+    long k, s, p, Hp, Wp;
+};
+
+// Max over each window (row-major scan, the first maximum wins, as in torch's max_pool2d), and the
+// argmax as a position h * Wo + w of the conv output, stored in T (exact for any image size here).
+template <typename T, typename W>
+inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m) {
+    const long K = S.K;
+    for (long ph = 0; ph < P.Hp; ++ph)
+        for (long pw = 0; pw < P.Wp; ++pw)
+            for (long o = 0; o < S.Co; ++o) {
+                W best{}, where{};
+                bool any = false;
+                for (long i = 0; i < P.k; ++i) {
+                    const long h = ph * P.s - P.p + i;
+                    if (h < 0 || h >= S.Ho) continue;
+                    for (long j = 0; j < P.k; ++j) {
+                        const long w = pw * P.s - P.p + j;
+                        if (w < 0 || w >= S.Wo) continue;
+                        const W v = load<W>(buf + ((h * S.Wo + w) * S.Co + o) * K + m);
+                        const W pos = W{} + T(h * S.Wo + w);
+                        if (!any) {
+                            best = v, where = pos, any = true;
+                        } else {
+                            const auto up = v > best;
+                            best = up ? v : best;
+                            where = up ? pos : where;
+                        }
+                    }
+                }
+                const long at = (((b * P.Hp + ph) * P.Wp + pw) * S.Co + o) * K + m;
+                store(out + at, best);
+                store(arg + at, where);
+            }
+}
+
+template <typename T>
+struct PoolAll {
+    const Shape& S; const Pool& P; const T* buf; T* out; T* arg; long b;
+    template <typename W> void run(long, long m) { max_pool_lanes<T, W>(S, P, buf, out, arg, b, m); }
+};
+
+template <typename T>
+void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T* out, T* arg) {
+    Shape one = S;
+    one.B = 1;
+    T* buf = new T[S.Ho * S.Wo * S.Co * S.K];
+    for (long b = 0; b < S.B; ++b) {
+        const T* xb = x + S.x_at(b, 0, 0, 0);
+        each_image_and_lanes<T>(one, ForwardAll<T>{one, xb, wv, buf});
+        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b});
+    }
+    delete[] buf;
+}
+
+// Weights' gradient: route each pooled gradient to its argmax (one image at a time, in a buffer),
+// then the convolution's own weight gradient over that image.
+template <typename T>
+void conv_pool_backward_weight(const Shape& S, const Pool& P, const T* x, const T* g, const T* arg, T* gw) {
+    Shape one = S;
+    one.B = 1;
+    const long n = S.Ho * S.Wo * S.Co * S.K, per_pool = P.Hp * P.Wp * S.Co;
+    T* buf = new T[n];
+    for (long b = 0; b < S.B; ++b) {
+        std::fill(buf, buf + n, T(0));
+        const T* gb = g + b * per_pool * S.K;
+        const T* ab = arg + b * per_pool * S.K;
+        for (long q = 0; q < per_pool; ++q) {
+            const long o = q % S.Co;
+            for (long m = 0; m < S.K; ++m) buf[((long)ab[q * S.K + m] * S.Co + o) * S.K + m] += gb[q * S.K + m];
+        }
+        each_image_and_lanes<T>(one, BackwardWeightAll<T>{one, x + S.x_at(b, 0, 0, 0), buf, gw});
+    }
+    delete[] buf;
+}
+
+}  // namespace
+
+#define KT_SHAPE_ARGS long B, long H, long W, long Ci, long Co, long K, long k, long s, long Ho, long Wo
+#define KT_SHAPE Shape{B, H, W, Ci, Co, K, k, s, Ho, Wo}
+#define KT_EXPORT(T, suffix)                                                                              \
+    extern "C" void kt_conv_forward_##suffix(const T* x, const T* wv, T* out, KT_SHAPE_ARGS) {           \
+        const Shape S = KT_SHAPE;                                                                         \
+        each_image_and_lanes<T>(S, ForwardAll<T>{S, x, wv, out});                                         \
+    }                                                                                                     \
+    /* gx must hold zeros (or what the gradient adds to) */                                               \
+    extern "C" void kt_conv_backward_data_##suffix(const T* g, const T* wv, T* gx, KT_SHAPE_ARGS) {      \
+        const Shape S = KT_SHAPE;                                                                         \
+        each_image_and_lanes<T>(S, BackwardDataAll<T>{S, g, wv, gx});                                     \
+    }                                                                                                     \
+    /* gw must hold zeros (or what the gradient adds to) */                                               \
+    extern "C" void kt_conv_backward_weight_##suffix(const T* x, const T* g, T* gw, KT_SHAPE_ARGS) {     \
+        const Shape S = KT_SHAPE;                                                                         \
+        each_image_and_lanes<T>(S, BackwardWeightAll<T>{S, x, g, gw});                                    \
+    }                                                                                                     \
+    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward */    \
+    extern "C" void kt_conv_pool_forward_##suffix(const T* x, const T* wv, T* out, T* arg, KT_SHAPE_ARGS, \
+                                                  long pk, long ps, long pp, long Hp, long Wp) {          \
+        conv_pool_forward<T>(KT_SHAPE, Pool{pk, ps, pp, Hp, Wp}, x, wv, out, arg);                        \
+    }                                                                                                     \
+    /* gw must hold zeros (or what the gradient adds to) */                                               \
+    extern "C" void kt_conv_pool_backward_weight_##suffix(const T* x, const T* g, const T* arg, T* gw,    \
+                                                          KT_SHAPE_ARGS, long pk, long ps, long pp,       \
+                                                          long Hp, long Wp) {                             \
+        conv_pool_backward_weight<T>(KT_SHAPE, Pool{pk, ps, pp, Hp, Wp}, x, g, arg, gw);                  \
+    }
+
+KT_EXPORT(float, f32)
+KT_EXPORT(double, f64)

@@ -1,0 +1,275 @@
+"""Native CPU convolutions for stacked networks with members interleaved (``member_conv.cpp``).
+
+The stacked layers normally keep each member's channels together (``(B, members*C, H, W)``, member
+major) and run grouped convolutions. On a CPU, oneDNN pads each member's few channels (6 here) to a
+16-channel block, so most of its arithmetic is on padding. Interleaving the members instead (channel
+``c * members + m``; in channels-last memory the member is the innermost axis) lets one SIMD vector
+hold the same channel of 16 networks, and every multiply-add is useful. ``member_conv2d_max_pool``
+also fuses the first block's convolution with its max-pooling, so the batch's full-resolution output
+never exists in memory. ``benchmarks/generate_throughput.py`` times whole pairs with both kinds of
+convolution side by side.
+
+The kernels are compiled on first use with the machine's C++ compiler (``$CXX`` or ``g++``, about
+10 s, for the machine's own SIMD width) and cached under ``$KT_CACHE_DIR`` (default
+``~/.cache/kt-mlflow``). Without a compiler, ``available()`` is False and the layers keep the
+member-major layout.
+
+Example:
+    >>> import torch
+    >>> from kt_mlflow.blocks.native import available, member_conv2d, interleave
+    >>> x, w = torch.randn(2, 4 * 6, 14, 14), torch.randn(4 * 6, 6, 3, 3)  # 4 members, 6 -> 6 channels
+    >>> y = member_conv2d(interleave(x, 4), w, members=4) if available() else None  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import KTError
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "native", "torch")
+
+SOURCE = Path(__file__).with_name("member_conv.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def interleave(x: torch.Tensor, members: int) -> torch.Tensor:
+    """Member-major ``(B, members*C, H, W)`` -> interleaved (channel ``c*members + m``), channels-last."""
+    b, mc, h, w = x.shape
+    y = x.reshape(b, members, mc // members, h, w).transpose(1, 2).reshape(b, mc, h, w)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def deinterleave(x: torch.Tensor, members: int) -> torch.Tensor:
+    """Interleaved -> member-major (the inverse of ``interleave``)."""
+    b, cm, h, w = x.shape
+    y = x.reshape(b, cm // members, members, h, w).transpose(1, 2).reshape(b, cm, h, w)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def member_order(v: torch.Tensor, members: int) -> torch.Tensor:
+    """A per-channel vector in member-major order -> interleaved order."""
+    return v.reshape(members, -1).t().reshape(-1)
+
+
+def stacked_order(v: torch.Tensor, members: int) -> torch.Tensor:
+    """A per-channel vector in interleaved order -> member-major order (inverse of ``member_order``)."""
+    return v.reshape(-1, members).t().reshape(-1)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kt-mlflow")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: a cache shared between machines must not mix builds."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return os.uname().machine
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels (built once per machine and source), or None when they cannot be built."""
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        return _without("no C++ compiler found (set $CXX or install g++)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + repr((compiler, FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"member_conv-{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+                if done.returncode != 0:
+                    return _without(f"building them failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                os.replace(tmp, path)  # atomic: concurrent builders never load a half-written library
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return _without(f"{e} (set $KT_CACHE_DIR to a writable folder)")
+    for suffix in _SUFFIX.values():
+        for name, pointers, longs in (("forward", 3, 10), ("backward_data", 3, 10), ("backward_weight", 3, 10),
+                                      ("pool_forward", 4, 15), ("pool_backward_weight", 4, 15)):
+            fn = getattr(lib, f"kt_conv_{name}_{suffix}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs
+    return lib
+
+
+def _without(reason: str) -> None:
+    log.warning("native kernels unavailable, %s: stacked networks use the slower grouped convolutions", reason)
+    return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def use_native(kernels: str, device: torch.device) -> bool:
+    """Resolve a ``--kernels`` choice: ``native`` (interleaved members, this module's kernels),
+    ``torch`` (grouped convolutions) or ``auto`` (native on a CPU where they build)."""
+    if kernels not in KERNELS:
+        raise KTError(f"unknown --kernels {kernels!r}; use one of {', '.join(KERNELS)}.")
+    if kernels == "torch" or (kernels == "auto" and device.type != "cpu"):
+        return False
+    if device.type != "cpu":
+        raise KTError(f"--kernels native runs on a CPU; on {device} use --kernels torch (or auto).")
+    if not available():
+        if kernels == "native":
+            raise KTError("--kernels native needs a C++ compiler to build them (install g++ or set $CXX), "
+                          "or use --kernels torch.")
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Threads for one process (``pid``: a forked child must not wait on its parent's threads)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="kt-conv")
+
+
+def _call(name: str, tensors: Sequence[Tuple[torch.Tensor, int]], shape: Sequence[int], summed: bool) -> None:
+    """Run kernel ``name`` over the batch, split across torch's intra-op threads (ctypes frees the GIL).
+
+    ``tensors``: the kernel's tensor arguments, each with its elements per image (0: shared by every
+    image); the last one is written. ``summed``: every image adds into all of the last tensor (a
+    weight gradient), so each thread adds into its own zeroed copy, summed at the end.
+    """
+    fn = getattr(library(), f"kt_conv_{name}_{_SUFFIX[tensors[-1][0].dtype]}")
+    batch, rest = shape[0], tuple(shape[1:])
+    threads = max(1, min(torch.get_num_threads(), batch))
+    if threads == 1:
+        fn(*(t.data_ptr() for t, _ in tensors), batch, *rest)
+        return
+    out = tensors[-1][0]
+    outs = [out] + [torch.zeros_like(out) for _ in range(threads - 1)] if summed else [out] * threads
+    bounds = [batch * i // threads for i in range(threads + 1)]
+
+    def part(i: int) -> None:
+        args = [(t, e) for t, e in tensors[:-1]] + [(outs[i], tensors[-1][1])]
+        fn(*(t.data_ptr() + bounds[i] * e * t.element_size() for t, e in args), bounds[i + 1] - bounds[i], *rest)
+
+    list(_pool(threads, os.getpid()).map(part, range(threads)))
+    for extra in outs[1:] if summed else ():
+        out += extra
+
+
+def _conv_shape(x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int) -> Tuple[int, ...]:
+    """The kernels' shape arguments (B, H, W, Ci, Co, K, k, s, Ho, Wo)."""
+    _, ci, co, k = wv.shape
+    b, _, h, w = x.shape
+    pad = kernel // 2
+    return b, h, w, ci, co, k, kernel, stride, (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+
+
+class _MemberConv(torch.autograd.Function):
+    """``x`` interleaved channels-last ``(B, Ci*K, H, W)``, ``wv`` ``(T, Ci, Co, K)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, stride)
+        out = torch.empty((b, co * k, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+        _call("forward", [(x, h * w * ci * k), (wv, 0), (out, ho * wo * co * k)], shape, False)
+        ctx.save_for_backward(x, wv)
+        ctx.shape = shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, wv = ctx.saved_tensors
+        g = g.contiguous(memory_format=torch.channels_last)
+        b, h, w, ci, co, k, _, _, ho, wo = ctx.shape
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(x, memory_format=torch.channels_last)
+            _call("backward_data", [(g, ho * wo * co * k), (wv, 0), (gx, h * w * ci * k)], ctx.shape, False)
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros_like(wv)
+            _call("backward_weight", [(x, h * w * ci * k), (g, ho * wo * co * k), (gw, 0)], ctx.shape, True)
+        return gx, gw, None, None
+
+
+class _MemberConvMaxPool(torch.autograd.Function):
+    """``max_pool2d(member_conv(x, wv), pool)``, one image's full-resolution output at a time."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, pool: Tuple[int, int, int]) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, 1)
+        pk, ps, pp = pool
+        hp, wp = (ho + 2 * pp - pk) // ps + 1, (wo + 2 * pp - pk) // ps + 1
+        out = torch.empty((b, co * k, hp, wp), dtype=x.dtype, memory_format=torch.channels_last)
+        arg = torch.empty_like(out)  # argmax positions, exact in the float type
+        per = hp * wp * co * k
+        # the output and the argmax are both written: one call fills both (``arg`` last, per image)
+        fn_shape = (*shape, pk, ps, pp, hp, wp)
+        _call("pool_forward", [(x, h * w * ci * k), (wv, 0), (out, per), (arg, per)], fn_shape, False)
+        ctx.save_for_backward(x, arg)
+        ctx.shape, ctx.wv_shape = fn_shape, wv.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("member_conv2d_max_pool computes no input gradient (its input is the images)")
+        x, arg = ctx.saved_tensors
+        g = g.contiguous(memory_format=torch.channels_last)
+        b, h, w, ci, co, k, *_, hp, wp = ctx.shape
+        gw = torch.zeros(ctx.wv_shape, dtype=x.dtype)
+        per = hp * wp * co * k
+        _call("pool_backward_weight", [(x, h * w * ci * k), (g, per), (arg, per), (gw, 0)], ctx.shape, True)
+        return None, gw, None, None
+
+
+def _lanes(weight: torch.Tensor, members: int) -> torch.Tensor:
+    """``(members*Co, Ci, k, k)`` member-major weights -> the kernels' ``(k*k, Ci, Co, members)``."""
+    kc, ci, kh, kw = weight.shape
+    return weight.reshape(members, kc // members, ci, kh * kw).permute(3, 2, 1, 0).contiguous()
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX or not available():
+        raise RuntimeError("the native kernels run float32/float64 CPU tensors, once built (see available())")
+
+
+def member_conv2d(x: torch.Tensor, weight: torch.Tensor, members: int, stride: int = 1) -> torch.Tensor:
+    """A bias-free "same" convolution of ``members`` networks on interleaved channels-last input.
+
+    ``weight`` is the stacked layer's own ``(members*Co, Ci, k, k)`` (member major), so parameters,
+    state dicts and optimisers are the same in both layouts. Output: interleaved ``(B, Co*members, Ho, Wo)``.
+    """
+    _check(x)
+    return _MemberConv.apply(x, _lanes(weight, members), weight.shape[-1], stride)
+
+
+def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,
+                           pool: Tuple[int, int, int] = (3, 2, 1)) -> torch.Tensor:
+    """``max_pool2d(member_conv2d(x, weight, members), *pool)`` without the full-resolution tensor in
+    memory (``pool`` = kernel, stride, padding). Gradients reach ``weight`` only, not ``x``."""
+    _check(x)
+    return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool))
