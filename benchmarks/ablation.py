@@ -5,7 +5,7 @@ evaluated on the same held-out networks next to the data-free baselines; then th
 compare the translation with random init and weight selection as a starting point. Everything is
 logged to one MLflow run (tables + plotly figures) and printed as Markdown.
 
-    python benchmarks/ablation.py --pairs PAIRS --dataset mnist --data-root ../shared/data/mnist
+    python benchmarks/ablation.py --pairs PAIRS --dataset mnist    # the MNIST test set bundled with kt_mlflow
 """
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from kt_mlflow.blocks import create_family
+from kt_mlflow.config import PairSchedule, TrainConfig
 from kt_mlflow.data import load_dataset
 from kt_mlflow.device import pick_device
 from kt_mlflow.evaluation.baselines import make_baseline
 from kt_mlflow.evaluation.compare import compare_methods, summary_table, to_markdown
 from kt_mlflow.evaluation.finetune import finetune_curves, finetune_figure
-from kt_mlflow.pairs.trainer import Protocol
-from kt_mlflow.training.recipes import RECIPES
-from kt_mlflow.training.step import load_pairs
-from kt_mlflow.training.train import TrainConfig, train_translator
+from kt_mlflow.recipes import RECIPES
+from kt_mlflow.tracking.datasets import load_pair_splits
+from kt_mlflow.tracking.figures import log_figure
+from kt_mlflow.training.train import train_translator
 
 BASELINES = ("random", "identity", "uniform", "l1")
 
@@ -52,8 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--val-every", type=int, default=10)
-    p.add_argument("--functional-bank", type=int, default=TrainConfig.functional_bank,
-                   help="training images per pair whose begin-block features the functional loss precomputes")
+    p.add_argument("--task-bank", type=int, default=TrainConfig.task_bank,
+                   help="training images per pair whose begin-block features the task loss keeps")
     p.add_argument("--finetune-epochs", default="0,1,2,5")
     p.add_argument("--finetune-from", default="best", help="recipe whose translation starts the fine-tuning")
     p.add_argument("--select-holdout", type=int, default=16,
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
         p.error(f"--finetune-from {a.finetune_from} is not among --recipes {a.recipes}; add it or pick one of those.")
     print("command: python benchmarks/ablation.py " + " ".join(sys.argv[1:]), flush=True)
 
-    _, train, val = load_pairs(a.pairs, a.dataset)
+    _, train, val = load_pair_splits(a.pairs, a.dataset)
     family = create_family(train.settings["family"])
     data = load_dataset(a.dataset, a.data_root)
     device = pick_device(a.device)
@@ -79,28 +80,28 @@ def main(argv=None) -> None:
             cfg = TrainConfig(recipe=recipe, epochs=a.epochs, batch_size=a.batch_size, depth=a.depth,
                               width=a.width, token_hidden=2 * a.width, channel_hidden=4 * a.width,
                               val_every=a.val_every, seed=a.seed, device=a.device, select_holdout=a.select_holdout,
-                              functional_bank=a.functional_bank)
+                              task_bank=a.task_bank)
             start = time.perf_counter()
             result = train_translator(cfg, family, train, val, data)
             methods[f"kt_{recipe}"] = result.translator.translate_batch(large)
             mlflow.log_metric(f"kt_{recipe}_train_seconds", time.perf_counter() - start)
             print(f"{recipe}: best selection-set mean {result.best['val_acc_mean']:.2f} (epoch "
-                  f"{int(result.best['best_epoch']) + 1}) in {time.perf_counter() - start:.0f} s",
+                  f"{int(result.best['epoch']) + 1}) in {time.perf_counter() - start:.0f} s",
                   flush=True)
         df = compare_methods(family, val, data, methods, device=device)
         summary = summary_table(df)
         mlflow.log_table(df, "ablation_per_network.json")
         mlflow.log_table(summary.reset_index(), "ablation_summary.json")
-        mlflow.log_figure(bar_figure(summary), "ablation.html")
+        log_figure(bar_figure(summary), "ablation.html")
         for method, row in summary.iterrows():
             mlflow.log_metrics({f"{method}_acc_mean": row["mean"], f"{method}_gap_closed": row["gap_closed"]})
 
         epochs = [int(e) for e in a.finetune_epochs.split(",")]
         inits = {"translation": methods[f"kt_{a.finetune_from}"], "random": methods["random"],
                  "uniform": methods["uniform"]}
-        curves = finetune_curves(family, val, data, inits, epochs, Protocol(), device)
+        curves = finetune_curves(family, val, data, inits, epochs, PairSchedule(), device)
         mlflow.log_table(curves, "finetune_per_network.json")
-        mlflow.log_figure(finetune_figure(curves), "finetune.html")
+        log_figure(finetune_figure(curves), "finetune.html")
         table = curves.groupby(["method", "epoch"])["accuracy"].mean().unstack("epoch")
 
     below = int((df[df.method == f"kt_{a.finetune_from}"].set_index("network")["accuracy"]

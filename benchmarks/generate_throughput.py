@@ -1,11 +1,12 @@
 """Pair-generation throughput: the vectorised generator against the plain way.
 
 The plain way is how a pair is usually produced: one network at a time, written in ordinary PyTorch
-modules (``PlainNet``: conv/BN/ReLU/max-pool as usual, contiguous memory format), a ``torch.utils.data.DataLoader`` (batch 128, shuffle, a random horizontal
+modules (``PlainNet``: conv/BN/ReLU/max-pool as usual, contiguous memory format), a
+``torch.utils.data.DataLoader`` (batch 128, shuffle, a random horizontal
 flip per sample in the Dataset's ``__getitem__`` as torchvision transforms do, ``num_workers=0``),
-SGD lr 0.01 momentum 0.9. Both ways run the full protocol on the same data (real MNIST): base network
-for ``--epochs`` epochs, then the small block for ``--small-epochs`` epochs with begin/last frozen in
-eval mode; both evaluate test accuracy after each phase.
+SGD lr 0.01 momentum 0.9. Both ways run the full protocol on the same data (real MNIST, by default the
+bundled test set split 8,000 / 2,000): base network for ``--epochs`` epochs, then the small block for
+``--small-epochs`` epochs with begin/last frozen in eval mode; both evaluate test accuracy after each phase.
 
 The vectorised generator is timed three ways: one process training ``--members`` networks at once
 with every core's thread (``train_pairs``), and one worker process per core, each training
@@ -23,7 +24,6 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kt_mlflow.blocks import create_family
+from kt_mlflow.config import PairSchedule
 from kt_mlflow.data import load_dataset
 from kt_mlflow.device import cpu_cores
-from kt_mlflow.pairs.trainer import Protocol, train_pairs
+from kt_mlflow.pairs.make import train_pairs
 from kt_mlflow.pairs.workers import ShardTrainer
-
-DEFAULT_ROOT = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist").resolve()
 
 
 class FlipDataset(Dataset):
@@ -105,7 +104,7 @@ def plain_accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> fl
     return 100.0 * correct / len(x)
 
 
-def plain_fit(net, params, loader, epochs: int, p: Protocol) -> None:
+def plain_fit(net, params, loader, epochs: int, p: PairSchedule) -> None:
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum)
     for _ in range(epochs):
         for xb, yb in loader:
@@ -115,7 +114,7 @@ def plain_fit(net, params, loader, epochs: int, p: Protocol) -> None:
             opt.step()
 
 
-def plain_pair(family, seed: int, data, p: Protocol):
+def plain_pair(family, seed: int, data, p: PairSchedule):
     """One pair the ordinary way."""
     torch.manual_seed(seed)
     net = PlainNet(family).train()
@@ -134,7 +133,8 @@ def plain_pair(family, seed: int, data, p: Protocol):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder with the MNIST IDX files")
+    ap.add_argument("--data-root", default=None,
+                    help="folder with the MNIST IDX files (default: the MNIST test set bundled with kt_mlflow)")
     ap.add_argument("--family", default="paper_mnist")
     ap.add_argument("--epochs", type=int, default=1, help="base-network epochs")
     ap.add_argument("--small-epochs", type=int, default=1, help="small-block epochs")
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     family = create_family(args.family)
     data = load_dataset("mnist", args.data_root)
-    p = Protocol(epochs=args.epochs, small_epochs=args.small_epochs)
+    p = PairSchedule(epochs=args.epochs, small_epochs=args.small_epochs)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(data.train_x)} train / "
           f"{len(data.test_x)} test MNIST images, family {family.name}, protocol {p.as_params()}")
 
@@ -190,12 +190,12 @@ def main(argv=None) -> None:
 
     ratios = {name: [] for name in ways}
     for r in range(args.rounds):
-        rate_plain, accs = timed(lambda: [plain_pair(family, 1000 + args.plain * r + i, data, p) for i in range(args.plain)],
+        rate_plain, accs = timed(lambda r=r: [plain_pair(family, 1000 + args.plain * r + i, data, p) for i in range(args.plain)],
                                  args.plain)
         line = [f"round {r + 1}: plain {args.plain} networks {rate_plain:7.2f} pairs/min (acc base "
                 f"{sum(a[0] for a in accs) / len(accs):.2f}%, small {sum(a[1] for a in accs) / len(accs):.2f}%)"]
         for name, (networks, run) in ways.items():
-            rate, outs = timed(lambda: run(r), networks)
+            rate, outs = timed(lambda run=run, r=r: run(r), networks)
             ratios[name].append(rate / rate_plain)
             base = sum(float(o["base_acc"].mean()) for o in outs) / len(outs)
             small = sum(float(o["small_acc"].mean()) for o in outs) / len(outs)

@@ -3,20 +3,27 @@
 Example:
     >>> import kt_mlflow
     >>> fam = kt_mlflow.create_family("paper_mnist")
-    >>> tr = kt_mlflow.load_translator("kt-paper_mnist-mixer")   # doctest: +SKIP
-    >>> small_net = tr.compress(my_trained_base_network)          # doctest: +SKIP
+    >>> tr = kt_mlflow.load_translator("kt-paper_mnist-channel_set")   # doctest: +SKIP
+    >>> small_net = tr.compress(my_trained_base_network)                # doctest: +SKIP
 """
-from .blocks import create_family, family_names
+from __future__ import annotations
+
+from typing import Any
+
 from .errors import KTError
 
 __version__ = "0.1.0"
 
+# The face of the package, imported on first use: `kt --help` must not pay for torch and mlflow.
+_LAZY = {"create_family": "blocks", "family_names": "blocks", "load_translator": "tracking.models"}
 
-def load_translator(name_or_uri: str, device: str = "cpu"):
-    """Pull a registered translator by name or ``models:/NAME@alias`` (see ``tracking.models``)."""
-    from .tracking.models import load_translator as _load
 
-    return _load(name_or_uri, device)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["create_family", "family_names", "load_translator", "KTError", "__version__"]

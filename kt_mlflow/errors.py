@@ -3,3 +3,14 @@
 
 class KTError(ValueError):
     """Bad input or state that the user can fix; the message says how."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message (or its type), cut to ``limit`` characters.
+
+    Example:
+        >>> first_line(RuntimeError("no server\\nTraceback ..."))
+        'no server'
+    """
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text[:limit]

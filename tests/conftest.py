@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 
+import kt_mlflow.data
+
 REPO = Path(__file__).resolve().parents[1]
-MNIST_ROOT = REPO.parent / "shared" / "data" / "mnist"
+MNIST_ROOT = Path(kt_mlflow.data.__file__).resolve().parent / "mnist"  # the real MNIST test set, bundled
 
 
 @pytest.fixture(scope="session")
 def mnist_root() -> str:
+    """The bundled MNIST folder, read as a ``data_root`` (the same images as ``load_dataset("mnist")``)."""
     if not (MNIST_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST test set expected at {MNIST_ROOT} (shared/data/mnist beside the checkout)")
+        pytest.fail(f"the bundled MNIST test set is missing from {MNIST_ROOT}; reinstall kt-mlflow")
     return str(MNIST_ROOT)
 
 
@@ -113,12 +116,12 @@ def kt(*args: str, cwd: Path, env=None, timeout: int = 600) -> subprocess.Comple
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory) -> Path:
     """8 training pairs + 6 validation networks on the bundled digits (no MLflow), made once."""
-    from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs
-    from kt_mlflow.pairs.trainer import Protocol
+    from kt_mlflow.config import GenerateConfig
+    from kt_mlflow.pairs.generate import generate_pairs
 
     out = tmp_path_factory.mktemp("pairs") / "digits"
-    generate_pairs(GenerateConfig(output=str(out), n_pairs=8, n_val=6, members=7,
-                                  protocol=Protocol(epochs=4, small_epochs=4)))
+    generate_pairs(GenerateConfig(output=str(out), dataset="digits", n_pairs=8, n_val=6, members=7,
+                                  epochs=4, small_epochs=4))
     return out
 
 
@@ -146,3 +149,18 @@ def synthetic_pairs(folder: Path, n_train: int = 4, n_val: int = 2) -> Path:
         write_shard(folder, split, 0, tensors, records, SYNTHETIC_SETTINGS)
     write_manifest(folder)
     return folder
+
+
+# The registered markers (setup.cfg) follow from what a test uses, so no test can forget its own.
+_MARK_BY_FIXTURE = {"mnist_root": "mnist", "tracking_server": "server", "pg_url": "postgres"}
+_MARK_BY_MODULE = {"test_native": "native", "test_sweep_workers": "postgres"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = {_MARK_BY_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in _MARK_BY_FIXTURE}
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in _MARK_BY_MODULE:
+            names.add(_MARK_BY_MODULE[module])
+        for name in sorted(names):
+            item.add_marker(getattr(pytest.mark, name))

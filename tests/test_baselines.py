@@ -8,11 +8,18 @@ from torch import nn
 
 from kt_mlflow.blocks import KTNetwork, create_family, prefixed, stack_states
 from kt_mlflow.data import load_dataset
+from kt_mlflow.engine import network_accuracy
 from kt_mlflow.errors import KTError
 from kt_mlflow.evaluation.baselines import (
-    BASELINES, fold_bn, identity, l1_selection, make_baseline, random_init, uniform_indices, uniform_selection,
+    BASELINES,
+    fold_bn,
+    identity,
+    l1_selection,
+    make_baseline,
+    random_init,
+    uniform_indices,
+    uniform_selection,
 )
-from kt_mlflow.evaluation.functional import network_accuracy
 
 EPS = 1e-5
 

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from kt_mlflow.blocks import (create_family, family_names, flatten_block, fold_members, stack_states,
-                              unflatten_block, unstack_state)
+from kt_mlflow.blocks import (
+    create_family,
+    family_names,
+    flatten_block,
+    fold_members,
+    stack_states,
+    unflatten_block,
+    unstack_state,
+)
 from kt_mlflow.blocks.resnet import BasicBlock, BeginBlock, BottleneckBlock
 from kt_mlflow.errors import KTError
 

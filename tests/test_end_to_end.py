@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO, kt
 
 
@@ -23,18 +22,20 @@ def test_generate_train_evaluate_then_compress_in_a_fresh_process(tmp_path, use_
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    mlflow_run("generate", {"output": tmp_path / "pairs", "n_pairs": 6, "n_val": 4, "members": 10,
-                            "epochs": 4, "small_epochs": 4}, tmp_path)
+    mlflow_run("generate", {"output": tmp_path / "pairs", "dataset": "digits", "n_pairs": 6, "n_val": 4,
+                            "members": 10, "epochs": 4, "small_epochs": 4}, tmp_path)
     exp = client.get_experiment_by_name("e2e")
     (gen,) = client.search_runs([exp.experiment_id], "tags.`kt.step` = 'generate'")
-    mlflow_run("train", {"pairs": gen.info.run_id, "epochs": 4, "val_every": 2, "depth": 1, "width": 16,
-                         "registered_name": "kt-e2e"}, tmp_path)
+    mlflow_run("train", {"pairs": gen.info.run_id, "dataset": "digits", "epochs": 4, "val_every": 2, "depth": 1,
+                         "width": 16, "registered_name": "kt-e2e"}, tmp_path)
     (train,) = client.search_runs([exp.experiment_id], "tags.`kt.step` = 'train'")
     assert "best_val_acc_mean" in train.data.metrics
+    assert train.data.metrics["best_epoch"] in (1, 3)  # validated after epochs 1 and 3 (val_every 2)
     assert [m.step for m in client.get_metric_history(train.info.run_id, "train_loss")] == [0, 1, 2, 3]
     version = client.get_model_version("kt-e2e", "1")
     assert version.run_id == train.info.run_id and version.tags["kt.family"] == "paper_mnist"
-    mlflow_run("evaluate", {"model": "models:/kt-e2e@latest", "pairs": gen.info.run_id}, tmp_path)
+    mlflow_run("evaluate", {"model": "models:/kt-e2e@latest", "pairs": gen.info.run_id, "dataset": "digits"},
+               tmp_path)
     (ev,) = client.search_runs([exp.experiment_id], "tags.`kt.step` = 'evaluate'")
     for method in ("kt", "random", "identity", "uniform", "l1", "trained"):
         assert f"{method}_acc_mean" in ev.data.metrics

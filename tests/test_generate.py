@@ -7,15 +7,15 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, kt
+
+from kt_mlflow.config import GenerateConfig
 from kt_mlflow.device import cpu_cores
 from kt_mlflow.errors import KTError
-from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs, plan_shards
+from kt_mlflow.pairs.generate import generate_pairs, plan_shards
 from kt_mlflow.pairs.store import load_split, sidecars, write_manifest
-from kt_mlflow.pairs.trainer import Protocol
 
-QUICK = Protocol(epochs=1, small_epochs=1)
+QUICK = dict(dataset="digits", epochs=1, small_epochs=1)
 
 
 def child_pids(pid: int) -> list:
@@ -53,7 +53,7 @@ def test_plan_splits_workers_without_overlap():
 
 
 def test_two_workers_fill_one_folder(tmp_path):
-    common = dict(output=str(tmp_path / "p"), n_pairs=3, n_val=2, members=2, protocol=QUICK)
+    common = dict(output=str(tmp_path / "p"), n_pairs=3, n_val=2, members=2, **QUICK)
     generate_pairs(GenerateConfig(start_index=0, count=3, **common))
     generate_pairs(GenerateConfig(start_index=3, count=2, **common))
     train, val = load_split(tmp_path / "p", "train"), load_split(tmp_path / "p", "val")
@@ -64,11 +64,11 @@ def test_two_workers_fill_one_folder(tmp_path):
 
 def test_bad_shards_and_settings_are_reported_by_name(tmp_path):
     out = tmp_path / "p"
-    generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=2, protocol=QUICK))
+    generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=2, **QUICK))
     with pytest.raises(KTError, match="other settings"):
-        generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=2, protocol=Protocol(epochs=2)))
+        generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=2, dataset="digits", epochs=2))
     with pytest.raises(KTError, match="other bounds"):
-        generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=1, protocol=QUICK))
+        generate_pairs(GenerateConfig(output=str(out), n_pairs=2, n_val=1, members=1, **QUICK))
     shard = out / sidecars(out, "train")[0]["file"]
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(KTError, match=f"{shard.name} is truncated or corrupt"):
@@ -78,8 +78,8 @@ def test_bad_shards_and_settings_are_reported_by_name(tmp_path):
 
 
 def test_killed_run_resumes_without_losing_or_duplicating(tmp_path):
-    args = ["generate", "--output", str(tmp_path / "p"), "--n-pairs", "6", "--n-val", "2", "--members", "2",
-            "--epochs", "2", "--small-epochs", "2", "--seed", "3"]
+    args = ["generate", "--output", str(tmp_path / "p"), "--dataset", "digits", "--n-pairs", "6", "--n-val", "2",
+            "--members", "2", "--epochs", "2", "--small-epochs", "2", "--seed", "3"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     proc = subprocess.Popen([sys.executable, "-m", "kt_mlflow.cli", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,8 +104,8 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path):
     assert [r["index"] for r in train.records] == list(range(6))
     # resumed pairs are the very pairs an uninterrupted run makes
     ref = tmp_path / "ref"
-    generate_pairs(GenerateConfig(output=str(ref), n_pairs=6, n_val=2, members=2, seed=3,
-                                  protocol=Protocol(epochs=2, small_epochs=2)))
+    generate_pairs(GenerateConfig(output=str(ref), dataset="digits", n_pairs=6, n_val=2, members=2, seed=3,
+                                  epochs=2, small_epochs=2))
     ref_train = load_split(ref, "train")
     for k, v in ref_train.tensors.items():
         torch.testing.assert_close(train.tensors[k], v, atol=0, rtol=0)
@@ -120,7 +120,7 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "generate", "--env-manager", "local",
            "--experiment-name", "gen-test", "-P", f"output={out}", "-P", "n_pairs=2", "-P", "n_val=1",
            "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1", "-P", "workers=1",
-           "-P", "kernels=torch"]
+           "-P", "kernels=torch", "-P", "dataset=digits"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient()

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kt_mlflow.blocks import create_family
-from kt_mlflow.blocks import native
+from kt_mlflow.blocks import create_family, native
 from kt_mlflow.blocks.layers import set_interleaved
 from kt_mlflow.blocks.native import deinterleave, interleave, member_conv2d, use_native
 from kt_mlflow.errors import KTError

@@ -1,12 +1,14 @@
 """`kt main` against a real tracking server: three child steps, and a rerun reuses what is finished."""
 from conftest import kt
 
-TINY = ["--n-pairs", "6", "--n-val", "4", "--members", "10", "--gen-epochs", "2", "--batch-size", "3",
-        "--experiment-name", "pipeline", "--registered-name", "kt-pipeline"]
+TINY = ["--dataset", "digits", "--n-pairs", "6", "--n-val", "4", "--members", "10", "--gen-epochs", "2",
+        "--batch-size", "3", "--select-holdout", "2", "--experiment-name", "pipeline", "--registered-name", "kt-pipeline"]
 
 
-def test_main_runs_the_steps_as_children_and_reuses_finished_ones(tmp_path, use_server):
+def test_main_runs_the_steps_as_children_and_reuses_finished_ones(tmp_path, use_server, monkeypatch):
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("KT_HOME", str(tmp_path / "home"))  # the default pair folder lands here
 
     first = kt("main", *TINY, "--epochs", "3", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -7,16 +7,23 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from conftest import free_port, synthetic_pairs
 from mlflow.tracking import MlflowClient
 
+from kt_mlflow import cli
+from kt_mlflow.config import SweepConfig
 from kt_mlflow.errors import KTError
+from kt_mlflow.steps.sweep import run_sweep
 from kt_mlflow.sweep import study as st
-from kt_mlflow.sweep.space import SearchSpace, parse_choices
-from kt_mlflow.sweep.step import main, run_sweep
-from conftest import free_port, synthetic_pairs
+from kt_mlflow.tracking import champion as ch
 
 TINY = dict(depth_min=1, depth_max=2, width_min=8, width_max=16, epochs_min=2, epochs_max=3, val_every=1,
-            mask_max=0.1, noise_max=0.01, device="cpu")
+            mask_max=0.1, noise_max=0.01, device="cpu", dataset="digits")
+
+
+def main(argv):
+    """``kt sweep ARGV`` in this process."""
+    return cli.main(["sweep", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +53,13 @@ def tracking(tmp_path, monkeypatch):
     (dict(mask_max=-0.2), "--mask-max must be in [0, 1)"),
     (dict(lr_min=1e-2, lr_max=1e-3), "--lr-min (0.01) is larger than --lr-max (0.001)"),
     (dict(lr_min=0.0), "--lr-min must be > 0"),
-    (dict(width_choices=[0, 8]), "--width-choices must be positive"),
+    (dict(width_choices="0,8"), "--width-choices must be positive"),
     (dict(augment_on="nowhere"), "--augment-on must be one of"),
 ])
 def test_bad_ranges_are_one_line_errors_before_any_work(tmp_path, kwargs, message):
     db = tmp_path / "never.db"
     with pytest.raises(KTError) as err:
-        run_sweep(SearchSpace(**kwargs), pairs=str(tmp_path / "no-pairs"), storage=f"sqlite:///{db}", n_trials=1)
+        run_sweep(SweepConfig(**kwargs, pairs=str(tmp_path / "no-pairs"), storage=f"sqlite:///{db}", n_trials=1))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not db.exists(), "the storage must not be touched before the ranges are checked"
 
@@ -62,11 +69,11 @@ def test_bad_ranges_are_one_line_errors_before_any_work(tmp_path, kwargs, messag
     (dict(pruner="hyperband"), "--pruner must be one of"),
     (dict(n_trials=None, timeout=None), "give --n-trials or --timeout"),
     (dict(heartbeat_interval=0), "--heartbeat-interval must be >= 1"),
-    (dict(heartbeat_interval=5, grace_period=5), "--grace-period (5) must be longer"),
+    (dict(heartbeat_interval=5, grace_period=5), "--grace-period (5) must exceed --heartbeat-interval (5)"),
 ])
 def test_bad_worker_settings(tmp_path, kwargs, message):
     with pytest.raises(KTError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("-", r"\-")):
-        run_sweep(SearchSpace(), pairs="x", storage=f"sqlite:///{tmp_path / 'never.db'}", **{"n_trials": 1, **kwargs})
+        run_sweep(SweepConfig(pairs="x", storage=f"sqlite:///{tmp_path / 'never.db'}", **{"n_trials": 1, **kwargs}))
 
 
 def test_cli_prints_range_error_in_one_line(capsys):
@@ -76,10 +83,13 @@ def test_cli_prints_range_error_in_one_line(capsys):
 
 
 def test_width_choices_parse():
-    assert parse_choices("16, 8,32") == [16, 8, 32] and parse_choices("") is None and parse_choices("none") is None
+    def options(text):
+        return SweepConfig(width_choices=text).width_options()
+
+    assert options("16, 8,32") == [8, 16, 32] and options("") is None and options("none") is None
     with pytest.raises(KTError, match="--width-choices must be whole numbers"):
-        parse_choices("8,wide")
-    space = SearchSpace(width_choices=[32, 8, 8])
+        options("8,wide")
+    space = SweepConfig(width_choices="32,8,8")
     space.validate()
     assert space.width_options() == [8, 32]
 
@@ -111,11 +121,11 @@ def test_sqlite_in_missing_folder():
 # -- NaN trials are pruned, the worker goes on --------------------------------------------------------
 
 def test_nonfinite_loss_prunes_the_trial(pairs, tracking, tmp_path, capsys):
-    space = SearchSpace(**{**TINY, "depth_min": 1, "depth_max": 1, "epochs_min": 3, "epochs_max": 3,
-                           "lr_min": 1e25, "lr_max": 1e25})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    parent = run_sweep(space, str(pairs), study_name="nan", storage=storage, n_trials=2, pruner="none",
-                       experiment="sweep-nan")
+    space = SweepConfig(**{**TINY, "depth_min": 1, "depth_max": 1, "epochs_min": 3, "epochs_max": 3,
+                           "lr_min": 1e25, "lr_max": 1e25}, pairs=str(pairs), study_name="nan", storage=storage,
+                        n_trials=2, pruner="none")
+    parent = run_sweep(space, experiment="sweep-nan")
     study = optuna.load_study(study_name="nan", storage=storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     assert all("non-finite loss" in t.user_attrs["prune_reason"] for t in study.trials)
@@ -134,8 +144,8 @@ def test_nonfinite_loss_prunes_the_trial(pairs, tracking, tmp_path, capsys):
 
 def test_single_worker_sqlite_end_to_end(pairs, tracking, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    parent = run_sweep(SearchSpace(**TINY), str(pairs), study_name="one", storage=storage, n_trials=2,
-                       pruner="median", registered_name="kt-sweep-unit", experiment="sweep-one")
+    parent = run_sweep(SweepConfig(**TINY, pairs=str(pairs), study_name="one", storage=storage, n_trials=2,
+                                   pruner="median", registered_name="kt-sweep-unit"), experiment="sweep-one")
     study = optuna.load_study(study_name="one", storage=storage)
     assert len(study.trials) == 2
     client = MlflowClient()
@@ -152,7 +162,7 @@ def test_single_worker_sqlite_end_to_end(pairs, tracking, tmp_path, capsys):
     assert math.isclose(run.data.metrics["best_score"], study.best_value)
     champ = client.get_model_version_by_alias("kt-sweep-unit", "champion")
     assert champ.run_id == study.best_trial.user_attrs[st.RUN_ID_ATTR]
-    assert float(champ.tags[st.SCORE_TAG]) == study.best_value
+    assert float(champ.tags[ch.SCORE_TAG]) == study.best_value
     assert "champion -> version 1: no champion of kt-sweep-unit yet" in capsys.readouterr().out
 
 
@@ -161,9 +171,9 @@ def test_single_worker_sqlite_end_to_end(pairs, tracking, tmp_path, capsys):
 def _version(client: MlflowClient, name: str, score=None, digest=None) -> str:
     v = client.create_model_version(name, source="file:///tmp/kt-nothing-here")
     if score is not None:
-        client.set_model_version_tag(name, v.version, st.SCORE_TAG, repr(score))
+        client.set_model_version_tag(name, v.version, ch.SCORE_TAG, repr(score))
     if digest is not None:
-        client.set_model_version_tag(name, v.version, st.VAL_DIGEST_TAG, digest)
+        client.set_model_version_tag(name, v.version, ch.VAL_DIGEST_TAG, digest)
     return str(v.version)
 
 
@@ -172,27 +182,27 @@ def test_champion_rule(tracking):
     name = "kt-champion-rule"
     client.create_registered_model(name)
     v1 = _version(client, name, 50.0, "aaa")
-    assert st.decide_champion(name, v1, 50.0, "aaa") == (True, f"no champion of {name} yet")
+    assert ch.decide_champion(name, v1, 50.0, "aaa") == (True, f"no champion of {name} yet")
     client.set_registered_model_alias(name, "champion", v1)
-    assert st.decide_champion(name, v1, 50.0, "aaa")[0] is False                       # already champion
+    assert ch.decide_champion(name, v1, 50.0, "aaa")[0] is False                       # already champion
     v2 = _version(client, name, 60.0, "aaa")
-    wins, reason = st.decide_champion(name, v2, 60.0, "aaa")
+    wins, reason = ch.decide_champion(name, v2, 60.0, "aaa")
     assert wins and "beats the champion version 1 (50.00%, its recorded score" in reason
-    wins, reason = st.decide_champion(name, v2, 50.0, "aaa")                          # a tie does not win
+    wins, reason = ch.decide_champion(name, v2, 50.0, "aaa")                          # a tie does not win
     assert not wins and "does not beat" in reason
-    wins, reason = st.decide_champion(name, v2, 40.0, "aaa")
+    wins, reason = ch.decide_champion(name, v2, 40.0, "aaa")
     assert not wins
     # other validation networks: the champion is re-scored on ours
     seen = []
-    wins, reason = st.decide_champion(name, v2, 55.0, "bbb", rescore=lambda uri: seen.append(uri) or 70.0)
+    wins, reason = ch.decide_champion(name, v2, 55.0, "bbb", rescore=lambda uri: seen.append(uri) or 70.0)
     assert seen == [f"models:/{name}/1"] and not wins and "re-scored" in reason
-    wins, reason = st.decide_champion(name, v2, 75.0, "bbb", rescore=lambda uri: 70.0)
+    wins, reason = ch.decide_champion(name, v2, 75.0, "bbb", rescore=lambda uri: 70.0)
     assert wins
     def broken(uri):
         raise RuntimeError("shape mismatch")
-    wins, reason = st.decide_champion(name, v2, 99.0, "bbb", rescore=broken)
+    wins, reason = ch.decide_champion(name, v2, 99.0, "bbb", rescore=broken)
     assert not wins and "cannot be re-scored" in reason and "shape mismatch" in reason
-    wins, reason = st.decide_champion(name, v2, 99.0, "bbb")                          # nothing to compare with
+    wins, reason = ch.decide_champion(name, v2, 99.0, "bbb")                          # nothing to compare with
     assert not wins and "no comparable score" in reason
 
 
@@ -203,9 +213,9 @@ def test_move_champion_settles_on_the_best(tracking):
     good, bad = _version(client, name, 80.0, "aaa"), _version(client, name, 30.0, "aaa")
     # a worse worker overwrote the alias after the better one had decided: the better one puts it back
     client.set_registered_model_alias(name, "champion", bad)
-    holds, reason = st.move_champion(name, good, 80.0, "aaa", settle=(0.0, 0.0))
+    holds, reason = ch.move_champion(name, good, 80.0, "aaa", settle=(0.0, 0.0))
     assert holds and "beats the champion version 2" in reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == good
-    holds, reason = st.move_champion(name, bad, 30.0, "aaa", settle=(0.0, 0.0))
+    holds, reason = ch.move_champion(name, bad, 30.0, "aaa", settle=(0.0, 0.0))
     assert not holds and "does not beat" in reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == good

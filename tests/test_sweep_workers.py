@@ -10,21 +10,22 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import optuna
 import psycopg2
 import pytest
+from conftest import synthetic_pairs
 from mlflow.tracking import MlflowClient
 
 from kt_mlflow.sweep import study as st
-from conftest import free_port, synthetic_pairs
+from kt_mlflow.tracking import champion as ch
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 TINY = ["--depth-min", "1", "--depth-max", "2", "--width-min", "8", "--width-max", "16", "--epochs-min", "2",
-        "--epochs-max", "3", "--val-every", "1", "--mask-max", "0.1", "--noise-max", "0.01", "--device", "cpu"]
+        "--epochs-max", "3", "--val-every", "1", "--mask-max", "0.1", "--noise-max", "0.01", "--device", "cpu",
+        "--dataset", "digits"]
 STATES = optuna.trial.TrialState
 
 
@@ -55,66 +56,18 @@ def pg_url():
         conn.close()
 
 
-class TrackingServer:
-    """`mlflow server` on a free local port with proxied artifacts, started in the background.
-
-    Starting it takes long on busy cores, so tests launch their workers (which import torch, mlflow
-    and optuna meanwhile, see PRELUDE) before they wait for it.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root, port = root, free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(root / "server.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=root)
-        self.up = False
-
-    def wait(self, timeout: float = 180) -> str:
-        deadline = time.time() + timeout
-        while not self.up:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    self.up = r.status == 200
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        return self.url
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
-    server = TrackingServer(tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     return synthetic_pairs(tmp_path_factory.mktemp("sweep-pairs") / "pairs")
 
 
-# `python -m kt_mlflow.sweep.step ARGS`, with the heavy imports done while the tracking server boots
-# (and, with KT_TEST_GATE, while an earlier worker still runs): then wait for /health and the gate file.
+# `python -m kt_mlflow sweep ARGS`, with the heavy imports done first (and, with KT_TEST_GATE, while an
+# earlier worker still runs): then wait for the tracking server's /health and the gate file.
 PRELUDE = """
 import os, sys, time, urllib.request
 os.cpu_count = lambda: 1     # pick_device uses every core; here two workers and a server share two busy ones
-import kt_mlflow.sweep.step, kt_mlflow.sweep.study, kt_mlflow.training.step, kt_mlflow.tracking.models
-import kt_mlflow.data, kt_mlflow.evaluation.functional, optuna.visualization, sklearn.datasets, torch._dynamo
+import kt_mlflow.cli, kt_mlflow.steps.sweep, kt_mlflow.sweep.study, kt_mlflow.tracking.models
+import kt_mlflow.data, kt_mlflow.engine, optuna.visualization, sklearn.datasets, torch._dynamo
 url, gate = os.environ["MLFLOW_TRACKING_URI"], os.environ.get("KT_TEST_GATE")
 deadline = time.time() + 180
 while True:
@@ -127,12 +80,12 @@ while True:
         time.sleep(0.3)
 while gate and not os.path.exists(gate):
     time.sleep(0.1)
-sys.exit(kt_mlflow.sweep.step.main(sys.argv[1:]))
+sys.exit(kt_mlflow.cli.main(["sweep", *sys.argv[1:]]))
 """
 
 
-def worker(tmp_path: Path, server: TrackingServer, args, tag: str, gate: Path = None) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PYTHONUNBUFFERED": "1"}
+def worker(tmp_path: Path, server: str, args, tag: str, gate: Path = None) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server, "PYTHONUNBUFFERED": "1"}
     if gate is not None:
         env["KT_TEST_GATE"] = str(gate)
     out = open(tmp_path / f"{tag}.log", "wb")
@@ -176,7 +129,7 @@ def test_two_workers_share_one_study(tmp_path, pg_url, tracking_server, pairs):
               "--heartbeat-interval", "2", *TINY]
     a = worker(tmp_path, tracking_server, [*common, "--worker", "0"], "a")
     b = worker(tmp_path, tracking_server, [*common, "--worker", "1"], "b")
-    tracking = tracking_server.wait()
+    tracking = tracking_server
     logs = finish(a, tmp_path, "a") + finish(b, tmp_path, "b")
 
     study = optuna.load_study(study_name=study_name, storage=st.driver_url(pg_url))
@@ -197,7 +150,7 @@ def test_two_workers_share_one_study(tmp_path, pg_url, tracking_server, pairs):
         assert client.get_run(p).data.tags["kt.study"] == study_name
 
     champ = client.get_model_version_by_alias(model, "champion")
-    assert float(champ.tags[st.SCORE_TAG]) == study.best_value
+    assert float(champ.tags[ch.SCORE_TAG]) == study.best_value
     assert champ.run_id in {t.user_attrs[st.RUN_ID_ATTR] for t in study.trials if t.value == study.best_value}
     assert "registered kt-sweep-shared version" in logs
 
@@ -210,7 +163,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(tmp_path, pg_url,
     a = worker(tmp_path, tracking_server, [*common, "--n-trials", "3", "--worker", "0"], "a")
     gate = tmp_path / "go-b"
     b = worker(tmp_path, tracking_server, [*common, "--n-trials", "2", "--worker", "1"], "b", gate=gate)
-    tracking = tracking_server.wait()
+    tracking = tracking_server
     storage = st.driver_url(pg_url)
     victim = None
     deadline = time.time() + 150
@@ -247,4 +200,4 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(tmp_path, pg_url,
     redo = client.get_run(retries[0].user_attrs[st.RUN_ID_ATTR])
     assert redo.data.tags[st.STATE_TAG] == "complete" and redo.data.tags["kt.retry_of_trial"] == str(victim.number)
     champ = client.get_model_version_by_alias(model, "champion")
-    assert float(champ.tags[st.SCORE_TAG]) == study.best_value
+    assert float(champ.tags[ch.SCORE_TAG]) == study.best_value

@@ -8,19 +8,19 @@ couple of steps only, with a looser tolerance).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kt_mlflow.blocks import KTNetwork, create_family, stack_states
-from kt_mlflow.data import ImageData, load_dataset
 from kt_mlflow.blocks.layers import set_interleaved
 from kt_mlflow.blocks.native import available as native_available
-from kt_mlflow.pairs.trainer import Protocol, accuracy_members, epoch_plans, train_pairs
+from kt_mlflow.config import PairSchedule
+from kt_mlflow.data import BUNDLED_MNIST, ImageData, load_dataset
+from kt_mlflow.engine import accuracy_members, epoch_plans
+from kt_mlflow.pairs.make import train_pairs
 
-MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_ROOT = BUNDLED_MNIST
 SEEDS = [11, 2024, 7]
 
 
@@ -38,7 +38,7 @@ def as_double(d: ImageData) -> ImageData:
     return ImageData(d.name, d.train_x.double(), d.train_y, d.test_x.double(), d.test_y)
 
 
-def fit_one(net, params, data: ImageData, seed: int, phase: int, epochs: int, p: Protocol) -> None:
+def fit_one(net, params, data: ImageData, seed: int, phase: int, epochs: int, p: PairSchedule) -> None:
     """The textbook loop: one ordinary network, its own batch order and flips."""
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum)
     n = len(data.train_x)
@@ -60,7 +60,7 @@ def accuracy_one(net, x, y) -> float:
         return float((net(x).argmax(1) == y).double().mean() * 100)
 
 
-def reference_pair(family, seed: int, data: ImageData, p: Protocol):
+def reference_pair(family, seed: int, data: ImageData, p: PairSchedule):
     base_state, small_state = family.init_pair(seed)
     dtype = data.train_x.dtype
     net = family.base_network()
@@ -82,18 +82,19 @@ def reference_pair(family, seed: int, data: ImageData, p: Protocol):
 
 
 def assert_same_networks(out, refs, rtol: float, atol: float) -> None:
-    for m, (states, base_acc, small_acc) in enumerate(refs):
+    for m, (states, _, _) in enumerate(refs):
         for part, ref in states.items():
             got = out[part][m]
             assert set(got) == set(ref), part
             for name, t in ref.items():
-                torch.testing.assert_close(got[name], t, rtol=rtol, atol=atol, msg=lambda s: f"member {m} {part}.{name}: {s}")
+                where = f"member {m} {part}.{name}"
+                torch.testing.assert_close(got[name], t, rtol=rtol, atol=atol, msg=lambda s, where=where: f"{where}: {s}")
 
 
 def test_vectorised_equals_one_by_one_float64(mnist):
     """The whole protocol (2 + 2 epochs of 2 batches, 8 SGD steps) in float64: every parameter and BN
     statistic, with the native kernels (members interleaved) that generation uses on a CPU."""
-    family, p = create_family("paper_mnist"), Protocol(epochs=2, small_epochs=2)
+    family, p = create_family("paper_mnist"), PairSchedule(epochs=2, small_epochs=2)
     data = as_double(ImageData(mnist.name, mnist.train_x[:256], mnist.train_y[:256], mnist.test_x, mnist.test_y))
     out = train_pairs(family, SEEDS, data, p, torch.device("cpu"), kernels="native")
     refs = [reference_pair(family, s, data, p) for s in SEEDS]
@@ -110,7 +111,7 @@ def test_vectorised_equals_one_by_one_float64(mnist):
 
 @pytest.fixture(scope="module")
 def f32_run(mnist):
-    family, p = create_family("paper_mnist"), Protocol(epochs=1, small_epochs=1)
+    family, p = create_family("paper_mnist"), PairSchedule(epochs=1, small_epochs=1)
     data = ImageData(mnist.name, mnist.train_x[:256], mnist.train_y[:256], mnist.test_x, mnist.test_y)
     return family, data, p, train_pairs(family, SEEDS, data, p, torch.device("cpu"))
 
@@ -132,7 +133,7 @@ def test_vectorised_equals_one_by_one_float32_few_steps(f32_run):
 @pytest.mark.parametrize("kernels", ["torch", "native"])
 def test_vectorised_without_flips(mnist, kernels):
     """Both layouts: grouped convolutions (``torch``, as on a GPU) and interleaved members (``native``)."""
-    family, p = create_family("paper_mnist"), Protocol(epochs=1, small_epochs=1, flip=False, batch_size=100)
+    family, p = create_family("paper_mnist"), PairSchedule(epochs=1, small_epochs=1, flip=False, batch_size=100)
     data = as_double(ImageData(mnist.name, mnist.train_x[:200], mnist.train_y[:200], mnist.test_x[:200], mnist.test_y[:200]))
     out = train_pairs(family, SEEDS[:2], data, p, torch.device("cpu"), kernels=kernels)
     refs = [reference_pair(family, s, data, p) for s in SEEDS[:2]]

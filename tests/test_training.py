@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from kt_mlflow.blocks import create_family, flatten_block
+from kt_mlflow.config import PairSchedule, TrainConfig
 from kt_mlflow.data import load_dataset
+from kt_mlflow.engine import network_accuracy
 from kt_mlflow.errors import KTError
-from kt_mlflow.evaluation import network_accuracy
 from kt_mlflow.evaluation.finetune import finetune_curves
 from kt_mlflow.pairs.store import load_split
-from kt_mlflow.pairs.trainer import Protocol
-from kt_mlflow.training.augment import check_augmentation, mask_and_noise
-from kt_mlflow.training.recipes import RECIPES
-from kt_mlflow.training.train import FunctionalLoss, NonFiniteLoss, TrainConfig, perturb_params, train_translator
+from kt_mlflow.recipes import RECIPES
+from kt_mlflow.training.augment import mask_and_noise
+from kt_mlflow.training.task_loss import TaskLoss, perturb_params
+from kt_mlflow.training.train import NonFiniteLoss, train_translator
 
 TINY = dict(depth=1, width=16, token_hidden=32, channel_hidden=32, val_every=2, device="cpu")
 
@@ -30,9 +31,10 @@ def test_masking_and_noise_have_the_asked_strength():
     x = torch.ones(200_000)
     assert abs(float((mask_and_noise(x, 0.3, 0.0) == 0).float().mean()) - 0.3) < 0.01
     assert abs(float((mask_and_noise(x, 0.0, 0.2) - 1).std()) - 0.2) < 0.01
-    for bad in ((1.0, 0.0, "source"), (-0.1, 0.0, "source"), (0.1, -1.0, "source"), (0.1, 0.1, "nowhere")):
-        with pytest.raises(KTError):
-            check_augmentation(*bad)
+    for bad, flag in (((1.0, 0.0, "source"), "--mask-ratio"), ((-0.1, 0.0, "source"), "--mask-ratio"),
+                      ((0.1, -1.0, "source"), "--noise-std"), ((0.1, 0.1, "nowhere"), "--augment-on")):
+        with pytest.raises(KTError, match=flag):
+            TrainConfig(mask_ratio=bad[0], noise_std=bad[1], augment_on=bad[2]).validate()
 
 
 def test_training_lowers_the_loss_and_keeps_the_best_translator(setup):
@@ -68,7 +70,7 @@ def test_every_recipe_trains(setup, recipe):
     result = train_translator(TrainConfig(recipe=recipe, epochs=2, **TINY), family, train, val, data, progress=False)
     assert np.isfinite(result.history[-1]["train_loss"])
     r = RECIPES[recipe]
-    assert ("functional_loss" in result.history[-1]) == (r.functional > 0 or r.features > 0)
+    assert ("task_loss" in result.history[-1]) == (r.distill > 0 or r.feature_match > 0)
     assert result.translator.arch == (r.arch or "mixer")
 
 
@@ -87,17 +89,18 @@ def test_grad_clip_cuts_every_step_and_paper_does_not_clip(setup, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     train_translator(TrainConfig(recipe="paper", epochs=1, **TINY), family, train, val, data, progress=False)
     assert seen == []
-    monkeypatch.setitem(RECIPES, "clipped", replace(RECIPES["best"], name="clipped", grad_clip=1e-3))
-    train_translator(TrainConfig(recipe="clipped", epochs=1, batch_size=4, **TINY), family, train, val, data,
+    assert RECIPES["best"].as_params()["recipe_grad_clip"] == 1.0
+    # ``best`` with a tiny limit (a recipe's name must be one of the config's choices, so patch ``best`` itself)
+    monkeypatch.setitem(RECIPES, "best", replace(RECIPES["best"], grad_clip=1e-3))
+    train_translator(TrainConfig(recipe="best", epochs=1, batch_size=4, **TINY), family, train, val, data,
                      progress=False)
     assert len(seen) == -(-len(train) // 4) and {m for *_, m in seen} == {1e-3}
     assert min(before for before, *_ in seen) > 1e-3  # every step was cut ...
     assert all(abs(after - 1e-3) < 1e-6 for _, after, _ in seen)  # ... to exactly the limit
-    assert RECIPES["best"].as_params()["recipe_grad_clip"] == 1.0
 
 
 def _check_by_hand(family, loss, kl, feat, nets, small, images):
-    """Both terms of ``FunctionalLoss`` computed with ordinary modules: each base network in ``nets``
+    """Both terms of ``TaskLoss`` computed with ordinary modules: each base network in ``nets``
     (per pair: begin, large, last states) with its own translated block ``small[j]``."""
     kls, feats = [], []
     with torch.no_grad():
@@ -120,27 +123,27 @@ def _check_by_hand(family, loss, kl, feat, nets, small, images):
 
 
 def _bank_images(data, pick):
-    """The images a ``FunctionalLoss(bank=40, seed=3)`` draws with indices ``pick``."""
+    """The images a ``TaskLoss(bank=40, seed=3)`` draws with indices ``pick``."""
     return data.train_x[torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(3))[:40]][pick]
 
 
-def test_functional_bank_is_a_train_option(setup):
-    """``kt train --functional-bank N``: N training images per pair in the functional loss's bank."""
-    from kt_mlflow.cli import build_parser, train_config
+def test_task_bank_is_a_train_option(setup):
+    """``kt train --task-bank N``: N training images per pair in the task loss's bank."""
+    from kt_mlflow.cli import build_parser, config_from_args
 
-    cfg = train_config(build_parser().parse_args(["train", "--functional-bank", "40"]))
-    assert cfg.functional_bank == 40
+    cfg = config_from_args(build_parser().parse_args(["train", "--task-bank", "40"]))
+    assert cfg.task_bank == 40
     family, train, _, data = setup
-    assert FunctionalLoss(family, train, data, torch.device("cpu"), bank=cfg.functional_bank, seed=0).pre.shape[1] == 40
-    with pytest.raises(KTError, match="--functional-bank"):
-        TrainConfig(functional_bank=0).validate()
+    assert TaskLoss(family, train, data, torch.device("cpu"), bank=cfg.task_bank, seed=0).pre.shape[1] == 40
+    with pytest.raises(KTError, match="--task-bank"):
+        TrainConfig(task_bank=0).validate()
 
 
-def test_functional_loss_is_each_pairs_own_network(setup):
+def test_task_loss_is_each_pairs_own_network(setup):
     """Both terms equal a hand computation with ordinary modules: the pair's own begin/last around the
     translated block, its own base network as teacher, its large block's output as feature target."""
     family, train, _, data = setup
-    loss = FunctionalLoss(family, train, data, torch.device("cpu"), bank=40, seed=3)
+    loss = TaskLoss(family, train, data, torch.device("cpu"), bank=40, seed=3)
     idx = torch.tensor([5, 2])
     small = {k: torch.randn(2, *v.shape) * 0.2 for k, v in family.small_block().state_dict().items()}
     kl, feat = loss(small, idx, 12, torch.Generator().manual_seed(9))
@@ -162,7 +165,7 @@ def test_context_perturbation_is_a_network_with_other_begin_and_last_blocks(setu
     d on the pre-ReLU output: gamma' = a gamma, beta' = a beta + d) and last block were perturbed, and
     whose teacher is recomputed: the shortcut on stored pre-ReLU features is exact."""
     family, train, _, data = setup
-    loss = FunctionalLoss(family, train, data, torch.device("cpu"), bank=40, seed=3, context=0.3)
+    loss = TaskLoss(family, train, data, torch.device("cpu"), bank=40, seed=3, context=0.3)
     idx = torch.tensor([4, 1])
     small = {k: torch.randn(2, *v.shape) * 0.2 for k, v in family.small_block().state_dict().items()}
     kl, feat = loss(small, idx, 12, torch.Generator().manual_seed(9))
@@ -181,8 +184,8 @@ def test_context_perturbation_is_a_network_with_other_begin_and_last_blocks(setu
         nets.append([begin, {k: v[i] for k, v in train.part("large").items()}, {k: v[j] for k, v in last.items()}])
     _check_by_hand(family, loss, kl, feat, nets, small, images)
     # and it is not the unperturbed network's loss
-    plain = FunctionalLoss(family, train, data, torch.device("cpu"), bank=40, seed=3)(small, idx, 12,
-                                                                                      torch.Generator().manual_seed(9))
+    plain = TaskLoss(family, train, data, torch.device("cpu"), bank=40, seed=3)(small, idx, 12,
+                                                                                torch.Generator().manual_seed(9))
     assert abs(float(plain[0] - kl)) > 1e-4
 
 
@@ -223,7 +226,7 @@ def test_logged_translator_predicts_through_pyfunc(setup, local_tracking):
 
 def test_finetune_curves_start_from_the_given_blocks(setup):
     family, train, val, data = setup
-    curves = finetune_curves(family, val, data, {"trained": val.part("small")}, (0, 1), Protocol(batch_size=256))
+    curves = finetune_curves(family, val, data, {"trained": val.part("small")}, (0, 1), PairSchedule(batch_size=256))
     at0 = curves[curves.epoch == 0].sort_values("network")["accuracy"].to_numpy()
     acc = network_accuracy(family, val.part("begin"), val.part("small"), val.part("last"), data)
     np.testing.assert_allclose(at0, acc.numpy(), atol=1e-4)

@@ -97,11 +97,11 @@ def test_translator_errors_are_one_line_and_say_what_was_expected(tmp_path):
 
 
 def test_compress_file_rejects_bad_networks(tmp_path, monkeypatch):
-    from kt_mlflow import compress
+    from kt_mlflow.steps import compress
 
     fam = create_family("paper_mnist")
     tr = create_translator("mixer", fam, depth=1, width=8)
-    monkeypatch.setattr("kt_mlflow.tracking.models.load_translator", lambda name, device="cpu": tr)
+    monkeypatch.setattr("kt_mlflow.steps.compress.load_translator", lambda name, device="cpu": tr)
     good = fam.base_network().state_dict()
     torch.save(good, tmp_path / "net.pt")
     counts = compress.compress_file("any", tmp_path / "net.pt", tmp_path / "small.safetensors")

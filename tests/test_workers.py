@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from kt_mlflow.blocks import create_family
+from kt_mlflow.config import PairSchedule
 from kt_mlflow.data import load_dataset
 from kt_mlflow.device import cpu_cores
 from kt_mlflow.errors import KTError
-from kt_mlflow.pairs.trainer import Protocol, train_pairs
+from kt_mlflow.pairs.make import train_pairs
 from kt_mlflow.pairs.workers import ShardTrainer, resolve_workers
 
-QUICK = Protocol(epochs=1, small_epochs=1)
+QUICK = PairSchedule(epochs=1, small_epochs=1)
 
 
 class Counter:
@@ -46,7 +47,7 @@ def test_worker_processes_train_exactly_what_one_thread_trains_here():
 
 
 def test_a_dead_worker_is_a_one_line_error():
-    trainer = ShardTrainer("paper_mnist", "digits", None, Protocol(epochs=20, small_epochs=20), "cpu", workers=2)
+    trainer = ShardTrainer("paper_mnist", "digits", None, PairSchedule(epochs=20, small_epochs=20), "cpu", workers=2)
 
     def kill_a_worker():
         deadline = time.time() + 60

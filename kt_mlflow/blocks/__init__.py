@@ -63,6 +63,12 @@ class BlockFamily:
     def small_block(self, members: int = 1) -> nn.Module:
         return BLOCKS.create(self.small, f=self, members=members)
 
+    def block(self, which: str, members: int = 1) -> nn.Module:
+        """The ``'large'`` or ``'small'`` block by name."""
+        if which not in ("large", "small"):
+            raise KTError(f"block {which!r} is neither 'large' nor 'small'.")
+        return self.large_block(members) if which == "large" else self.small_block(members)
+
     def last(self, members: int = 1) -> nn.Module:
         spatial = stem_out_size(self.image_size)
         return LastBlock(self.width, self.last_width, spatial, self.num_classes, members)
@@ -83,30 +89,45 @@ class BlockFamily:
     # -- the translator's view -----------------------------------------------------------------
     def weight_shapes(self, which: str) -> Dict[str, Tuple[int, ...]]:
         """Shapes of the conv weights a translator reads (``which='large'``) or writes (``'small'``)."""
-        block = self.large_block() if which == "large" else self.small_block()
+        block = self.block(which)
         state = block.state_dict()
         return {k: tuple(state[k].shape) for k in type(block).conv_bn}
 
     def bn_of(self, which: str) -> Mapping[str, object]:
-        block = self.large_block() if which == "large" else self.small_block()
-        return type(block).conv_bn
+        return type(self.block(which)).conv_bn
 
     def check_block_state(self, state: Mapping[str, torch.Tensor], which: str) -> None:
         """One-line errors for a state dict that is not this family's ``which`` block."""
-        expected = {k: tuple(v.shape) for k, v in (self.large_block() if which == "large" else self.small_block()).state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise KTError(
-                f"not a {self.name} {which} block: missing {', '.join(missing)}; expected keys {sorted(expected)}."
-            )
-        for k, shape in expected.items():
-            if tuple(state[k].shape) != shape:
-                raise KTError(
-                    f"{which} block parameter {k} has shape {tuple(state[k].shape)}, expected {shape} "
-                    f"for family {self.name}."
-                )
-            if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
-                raise KTError(f"{which} block parameter {k} contains NaN or inf; translate a trained, finite network.")
+        block = self.block(which)
+        check_state(state, {k: tuple(v.shape) for k, v in block.state_dict().items()}, f"a {self.name} {which} block",
+                    "translate a trained, finite block of this family", extra_ok=True)
+
+    def check_network_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """One-line errors for a state dict that is not a trained base network of this family."""
+        shapes = {k: tuple(v.shape) for k, v in self.base_network().state_dict().items()}
+        check_state(state, shapes, f"a {self.name} base network",
+                    f"build it with kt_mlflow.create_family({self.name!r}).base_network()")
+
+
+def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Tuple[int, ...]], what: str, fix: str,
+                extra_ok: bool = False) -> None:
+    """The one state check: missing or unexpected keys, wrong shapes, NaN/inf, each a one-line KTError.
+
+    Example:
+        >>> check_state({"w": torch.zeros(2)}, {"w": (3,)}, "a toy block", "pass three weights")
+        Traceback (most recent call last):
+        kt_mlflow.errors.KTError: w has shape (2,), expected (3,) for a toy block; pass three weights.
+    """
+    missing = sorted(set(shapes) - set(state))
+    unexpected = [] if extra_ok else sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise KTError(f"not {what}: missing {', '.join(missing[:4]) or 'nothing'}, unexpected "
+                      f"{', '.join(unexpected[:4]) or 'nothing'}; {fix}.")
+    for k, shape in shapes.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise KTError(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(shape)} for {what}; {fix}.")
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise KTError(f"{k} contains NaN or inf; {fix}.")
 
 
 def _register(family: BlockFamily) -> None:
@@ -221,14 +242,14 @@ __all__ = [
 
 def flatten_block(family: BlockFamily, which: str, stacked: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Stacked block state ``(P, ...)`` -> ``(P, N)``: its floating tensors in state-dict order."""
-    block = family.large_block() if which == "large" else family.small_block()
+    block = family.block(which)
     keys = [k for k, v in block.state_dict().items() if v.is_floating_point()]
     return torch.cat([stacked[k].reshape(stacked[k].shape[0], -1).float() for k in keys], dim=1)
 
 
 def unflatten_block(family: BlockFamily, which: str, flat: torch.Tensor) -> State:
     """``(P, N)`` -> stacked block state (floating tensors only); the inverse of ``flatten_block``."""
-    block = family.large_block() if which == "large" else family.small_block()
+    block = family.block(which)
     shapes = [(k, v.shape) for k, v in block.state_dict().items() if v.is_floating_point()]
     n = sum(s.numel() for _, s in shapes)
     if flat.dim() != 2 or flat.shape[1] != n:

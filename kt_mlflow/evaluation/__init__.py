@@ -1,4 +1,1 @@
-"""Functional evaluation: put blocks into networks and measure test accuracy, many networks at once."""
-from .functional import network_accuracy
-
-__all__ = ["network_accuracy"]
+"""Evaluation: data-free baselines, the comparison table, figures, fine-tuning curves, the MLflow evaluator."""

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..blocks import BlockFamily
+from ..blocks import BlockFamily, check_state
+from ..engine import network_accuracy
 from ..errors import KTError
 from ..pairs.store import PairSet
-from .functional import network_accuracy
 
 State = Dict[str, torch.Tensor]
 
@@ -30,16 +30,9 @@ COLUMNS = ["method", "network", "seed", "accuracy"]
 
 
 def _check_stacked(family: BlockFamily, name: str, state: Mapping[str, torch.Tensor], n: int) -> None:
-    expected = {k: (n, *v.shape) for k, v in family.small_block().state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise KTError(f"method {name!r} lacks small-block weights {', '.join(missing)}; return a stacked small-block state dict.")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise KTError(
-                f"method {name!r}: {k} has shape {tuple(state[k].shape)}, expected {shape} "
-                f"(one small block per validation network)."
-            )
+    shapes = {k: (n, *v.shape) for k, v in family.small_block().state_dict().items()}
+    check_state(state, shapes, f"method {name!r}'s small blocks",
+                "return a stacked small-block state dict, one small block per validation network", extra_ok=True)
 
 
 def method_order(names: List[str]) -> List[str]:

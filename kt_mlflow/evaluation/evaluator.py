@@ -40,6 +40,7 @@ from mlflow.models.evaluation.artifacts import JsonEvaluationArtifact, TextEvalu
 from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 from mlflow.tracking.artifact_utils import get_artifact_uri
 
+from ..config import DEFAULT_BASELINES
 from ..data import load_dataset
 from ..device import pick_device
 from ..errors import KTError
@@ -49,7 +50,6 @@ from .compare import compare_methods
 from .plots import KT_METHOD, log_evaluation
 
 MODEL_TYPE = "knowledge_translation"
-DEFAULT_BASELINES = ("random", "identity", "uniform", "l1")
 CONFIG_KEYS = ("pairs", "split", "dataset", "data_root", "baselines", "seed", "device", "metric_prefix", "model_uri")
 DATA_KEYS = ("pairs", "split", "dataset", "data_root")
 
@@ -104,10 +104,13 @@ class EvalSettings:
         if isinstance(values.get("baselines"), str):
             values["baselines"] = [b for b in values["baselines"].split(",") if b]
         settings = cls(**values)
-        for name in settings.baselines:
+        settings.check_baselines()
+        return settings
+
+    def check_baselines(self) -> None:
+        for name in self.baselines:
             if name not in BASELINES:
                 raise KTError(f"unknown baseline {name!r}; choose from: {', '.join(BASELINES.names())}.")
-        return settings
 
 
 def model_uri_of(model: Any, settings: EvalSettings, model_id: Optional[str] = None) -> str:

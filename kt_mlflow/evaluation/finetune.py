@@ -13,14 +13,15 @@ import plotly.graph_objects as go
 import torch
 
 from ..blocks import BlockFamily, fold_members
+from ..config import PairSchedule
+from ..engine import accuracy_members, train_members
 from ..pairs.store import PairSet
-from ..pairs.trainer import Protocol, accuracy_members, train_members
 
 FINETUNE_PHASE = 7  # a data-order stream of its own, distinct from generation's phases
 
 
 def finetune_curves(family: BlockFamily, val: PairSet, data, inits: Mapping[str, Mapping[str, torch.Tensor]],
-                    epochs: Sequence[int] = (0, 1, 2, 5), protocol: Protocol = Protocol(),
+                    epochs: Sequence[int] = (0, 1, 2, 5), schedule: PairSchedule = PairSchedule(),
                     device: torch.device = torch.device("cpu")) -> pd.DataFrame:
     """Rows (method, epoch, network, accuracy) for every starting point in ``inits`` (stacked small blocks)."""
     names = list(inits)
@@ -48,7 +49,7 @@ def finetune_curves(family: BlockFamily, val: PairSet, data, inits: Mapping[str,
 
     record(0)
     net.block.train()
-    train_members(net, net.block.parameters(), x, y, seeds, FINETUNE_PHASE, max(epochs), protocol,
+    train_members(net, net.block.parameters(), x, y, seeds, FINETUNE_PHASE, max(epochs), schedule,
                   on_epoch=lambda e: record(e + 1))
     return pd.DataFrame(rows)
 

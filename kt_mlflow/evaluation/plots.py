@@ -16,10 +16,10 @@ from typing import Dict, Optional
 import mlflow
 import pandas as pd
 import plotly.graph_objects as go
-from mlflow.tracking import MlflowClient
 
 from ..errors import KTError
-from .compare import LARGE, TRAINED, bucket_counts, summary_table
+from ..tracking.figures import log_figure
+from .compare import TRAINED, bucket_counts, summary_table
 
 KT_METHOD = "kt"
 
@@ -95,8 +95,7 @@ def log_evaluation(df: pd.DataFrame, prefix: str = "", run_id: Optional[str] = N
     """Log a comparison to the active MLflow run (or ``run_id``): tables, metrics and HTML figures.
 
     Tables ``{prefix}per_network.json`` and ``{prefix}summary.json`` (``mlflow.log_table``), metrics
-    from ``evaluation_metrics``, figures ``{prefix}accuracy_buckets.html`` and, per method other than
-    the references, ``{prefix}scatter_{method}.html``.
+    from ``evaluation_metrics``, figures ``{prefix}accuracy_buckets.html`` and ``{prefix}scatter_kt.html`` (self-contained HTML).
 
     Example:
         >>> with mlflow.start_run():                              # doctest: +SKIP
@@ -107,7 +106,6 @@ def log_evaluation(df: pd.DataFrame, prefix: str = "", run_id: Optional[str] = N
         if active is None:
             raise KTError("log_evaluation needs an MLflow run: call it inside `with mlflow.start_run():` or pass run_id.")
         run_id = active.info.run_id
-    client = MlflowClient()
     logged = LoggedEvaluation(metrics=evaluation_metrics(df, prefix))
     summary = summary_table(df).reset_index()
     for name, table in (("per_network", df), ("summary", summary)):
@@ -117,13 +115,11 @@ def log_evaluation(df: pd.DataFrame, prefix: str = "", run_id: Optional[str] = N
     if logged.metrics:
         mlflow.log_metrics(logged.metrics, run_id=run_id, synchronous=True)
     figures = {"accuracy_buckets": bucket_figure(df)}
-    if TRAINED in set(df["method"]):
-        for method in summary["method"]:
-            if method not in (TRAINED, LARGE):
-                figures[f"scatter_{method}"] = scatter_figure(df, method)
+    if TRAINED in set(df["method"]) and KT_METHOD in set(df["method"]):
+        figures[f"scatter_{KT_METHOD}"] = scatter_figure(df, KT_METHOD)
     for name, fig in figures.items():
         path = f"{prefix}{name}.html"
-        client.log_figure(run_id, fig, path)
+        log_figure(fig, path, run_id=run_id)
         logged.figures[name] = path
     return logged
 

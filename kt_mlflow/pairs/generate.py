@@ -5,71 +5,25 @@ held-out validation networks (seeds from a disjoint range). ``start_index``/``co
 of that index space, so several workers can fill one folder without overlap.
 
 Example:
-    >>> from kt_mlflow.pairs.generate import GenerateConfig, generate_pairs
+    >>> from kt_mlflow.config import GenerateConfig
     >>> cfg = GenerateConfig(output="pairs", n_pairs=8, n_val=4)      # doctest: +SKIP
     >>> summary = generate_pairs(cfg)                                    # doctest: +SKIP
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import GenerateConfig
 from ..errors import KTError
 from .store import check_settings, sidecars, write_manifest, write_shard
-from .trainer import Protocol
 from .workers import ShardTrainer
 
 VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs
-
-
-@dataclass
-class GenerateConfig:
-    output: str = "kt-pairs"
-    family: str = "paper_mnist"
-    dataset: str = "digits"
-    data_root: Optional[str] = None
-    n_pairs: int = 32
-    n_val: int = 8
-    seed: int = 0
-    start_index: int = 0
-    count: Optional[int] = None
-    members: int = 16
-    protocol: Protocol = field(default_factory=Protocol)
-    device: str = "auto"
-    workers: int = 0  # processes training shards side by side; 0: one per CPU core (1 on a GPU)
-    kernels: str = "auto"  # native (members interleaved, CPU), torch (grouped convolutions), auto
-
-    def settings(self) -> Dict[str, object]:
-        """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
-        return {"family": self.family, "dataset": self.dataset, "seed": self.seed, **self.protocol.as_params()}
-
-    def validate(self) -> None:
-        for name in ("n_pairs", "n_val", "start_index"):
-            if getattr(self, name) < 0:
-                raise KTError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
-        if self.n_pairs + self.n_val == 0:
-            raise KTError("nothing to generate: set --n-pairs and/or --n-val above 0.")
-        if self.workers < 0:
-            raise KTError(f"--workers must be >= 0 (0: one per CPU core), got {self.workers}.")
-        if self.members < 1:
-            raise KTError(f"--members must be >= 1 (networks trained at once), got {self.members}.")
-        if self.count is not None and self.count < 1:
-            raise KTError(f"--count must be >= 1 when given, got {self.count}.")
-        if self.start_index >= self.n_pairs + self.n_val:
-            raise KTError(f"--start-index {self.start_index} is past the last pair ({self.n_pairs + self.n_val - 1}).")
-        p = self.protocol
-        if p.epochs < 1 or p.small_epochs < 1 or p.batch_size < 1 or p.lr <= 0:
-            raise KTError("--epochs, --small-epochs, --batch-size must be >= 1 and --lr > 0.")
-
-    def as_params(self) -> Dict[str, object]:
-        d = asdict(self)
-        d.update(d.pop("protocol"))
-        return d
 
 
 def pair_seed(seed: int, split: str, index: int) -> int:
@@ -107,9 +61,9 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     """Generate (or resume) this worker's shards into ``cfg.output``; returns a summary dict."""
     cfg.validate()
     # Data, device and workers first: bad input is reported before anything is written.
-    trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.protocol, cfg.device, cfg.workers,
+    trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.schedule, cfg.device, cfg.workers,
                            cfg.kernels)
-    folder = Path(cfg.output)
+    folder = Path(cfg.folder())
     folder.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings()
     check_settings(folder, settings)
@@ -117,7 +71,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     plan = plan_shards(cfg)
     todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
             for split, first, n in plan if not _finished(folder, split, first, n)}
-    epochs = cfg.protocol.epochs + cfg.protocol.small_epochs
+    epochs = cfg.schedule.epochs + cfg.schedule.small_epochs
     bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", desc="generate",
                dynamic_ncols=True)
     made, start = 0, time.perf_counter()

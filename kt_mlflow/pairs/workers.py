@@ -1,4 +1,4 @@
-"""Run the generation protocol for many shards: in this process, or one worker process per CPU core.
+"""Run the generation schedule for many shards: in this process, or one worker process per CPU core.
 
 A stacked step of K small networks is a few hundred short operations; splitting each of them over two
 threads gains less than giving each core its own K networks, its own operations and its own cache
@@ -8,8 +8,8 @@ networks at once with one thread. With one thread per worker, a shard's bits do 
 many cores the machine has.
 
 Example:
-    >>> from kt_mlflow.pairs.trainer import Protocol
-    >>> with ShardTrainer("paper_mnist", "digits", None, Protocol(1, 1), "cpu", 2) as t:  # doctest: +SKIP
+    >>> from kt_mlflow.config import PairSchedule
+    >>> with ShardTrainer("paper_mnist", "digits", None, PairSchedule(1, 1), "cpu", 2) as t:  # doctest: +SKIP
     ...     for key, out in t.run({"a": [0, 1], "b": [2, 3]}):
     ...         print(key, out["base_acc"])
 """
@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from ..blocks import create_family
 from ..blocks.native import use_native
+from ..config import PairSchedule
 from ..data import load_dataset
 from ..device import cpu_cores, pick_device
 from ..errors import KTError
-from .trainer import Protocol, train_pairs
+from .make import train_pairs
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
@@ -56,7 +57,7 @@ class ShardTrainer:
     network-epoch trained, here or in a worker, counts on ``bar``.
     """
 
-    def __init__(self, family: str, dataset: str, data_root: Optional[str], protocol: Protocol,
+    def __init__(self, family: str, dataset: str, data_root: Optional[str], schedule: PairSchedule,
                  device: str = "auto", workers: int = 0, kernels: str = "auto") -> None:
         self.device = pick_device(device)
         self.workers = resolve_workers(workers, self.device)
@@ -65,7 +66,7 @@ class ShardTrainer:
         self.kernels = "native" if self.native else "torch"
         self.bar: Optional[tqdm] = None
         # Loaded here even for worker processes: a bad data folder is reported before anything starts.
-        self.family, self.data, self.protocol = create_family(family), load_dataset(dataset, data_root), protocol
+        self.family, self.data, self.schedule = create_family(family), load_dataset(dataset, data_root), schedule
         self.pool: Optional[ProcessPoolExecutor] = None
         if self.workers > 1:
             ctx = mp.get_context("spawn")  # a fresh interpreter: no OpenMP or MKL state copied by fork
@@ -73,7 +74,7 @@ class ShardTrainer:
             threads = max(1, cpu_cores() // self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_start_worker,
-                initargs=(family, dataset, data_root, protocol, self.kernels, threads, self.progress, os.getpid()),
+                initargs=(family, dataset, data_root, schedule, self.kernels, threads, self.progress, os.getpid()),
             )
 
     def run(self, shards: Mapping[Hashable, Sequence[int]],
@@ -81,7 +82,7 @@ class ShardTrainer:
         self.bar = bar
         if self.pool is None:
             for key, seeds in shards.items():
-                yield key, train_pairs(self.family, list(seeds), self.data, self.protocol, self.device,
+                yield key, train_pairs(self.family, list(seeds), self.data, self.schedule, self.device,
                                        bar=_Scaled(self.bar, len(seeds)), kernels=self.kernels)
             return
         pending: Dict[Future, Hashable] = {self.pool.submit(_train_shard, list(s)): k for k, s in shards.items()}
@@ -146,7 +147,7 @@ class _QueueBar:
 _WORKER: Dict[str, object] = {}
 
 
-def _start_worker(family: str, dataset: str, data_root: Optional[str], protocol: Protocol, kernels: str,
+def _start_worker(family: str, dataset: str, data_root: Optional[str], schedule: PairSchedule, kernels: str,
                   threads: int, progress, parent: int) -> None:
     if sys.platform.startswith("linux"):
         # Die with the parent: a killed generate run must not leave workers training on its cores.
@@ -154,11 +155,11 @@ def _start_worker(family: str, dataset: str, data_root: Optional[str], protocol:
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
     torch.set_num_threads(threads)
-    _WORKER.update(family=create_family(family), data=load_dataset(dataset, data_root), protocol=protocol,
+    _WORKER.update(family=create_family(family), data=load_dataset(dataset, data_root), schedule=schedule,
                    kernels=kernels, progress=progress)
 
 
 def _train_shard(seeds: Sequence[int]) -> Dict[str, object]:
     w = _WORKER
-    return train_pairs(w["family"], list(seeds), w["data"], w["protocol"], torch.device("cpu"),
+    return train_pairs(w["family"], list(seeds), w["data"], w["schedule"], torch.device("cpu"),
                        bar=_QueueBar(w["progress"], len(seeds)), kernels=w["kernels"])

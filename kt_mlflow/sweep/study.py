@@ -1,4 +1,4 @@
-"""Optuna plumbing for sweeps: storage by URL (with heartbeats), sampler, pruner, champion, plots.
+"""Optuna plumbing for sweeps: storage by URL (with heartbeats), sampler, pruner, the study report.
 
 Workers that pass the same ``--study-name`` and ``--storage`` share one study. The storage records a
 heartbeat for every running trial; when a worker dies, the next worker to start a trial marks the
@@ -7,56 +7,30 @@ silent trial FAIL and (``RetryHeartbeatStaleTrialCallback``) queues a copy with 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import mlflow
 import optuna
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ..errors import KTError
+from ..errors import KTError, first_line
 from ..pairs import store
+from ..tracking.figures import log_figure
 
-DEFAULT_STORAGE = "sqlite:///kt-optuna.db"
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "halving", "none")
-CHAMPION = "champion"
 RUN_ID_ATTR = "mlflow_run_id"          # trial user attr: the trial's MLflow child run
 MODEL_URI_ATTR = "model_uri"           # trial user attr: the trial's logged translator
 MODEL_TAGS_ATTR = "model_tags"         # trial user attr: the translator's registry tags
-SCORE_TAG, VAL_DIGEST_TAG, PAIRS_DIGEST_TAG = "kt.sweep_score", "kt.val_digest", "kt.pairs_digest"
 STATE_TAG, REASON_TAG = "kt.trial_state", "kt.trial_reason"
 
 
 def redact(url: str) -> str:
     """The storage URL without its password, for messages and params."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
-def validate_choices(sampler: str, pruner: str, heartbeat_interval: int, grace_period: Optional[int],
-                     max_retry: int, n_trials: Optional[int], timeout: Optional[float]) -> None:
-    if sampler not in SAMPLERS:
-        raise KTError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
-    if pruner not in PRUNERS:
-        raise KTError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}.")
-    if heartbeat_interval < 1:
-        raise KTError(f"--heartbeat-interval must be >= 1 second, got {heartbeat_interval}.")
-    if grace_period is not None and grace_period <= heartbeat_interval:
-        raise KTError(f"--grace-period ({grace_period}) must be longer than --heartbeat-interval ({heartbeat_interval}).")
-    if max_retry < 0:
-        raise KTError(f"--max-retry must be >= 0, got {max_retry}.")
-    if n_trials is not None and n_trials < 1:
-        raise KTError(f"--n-trials must be >= 1 (or empty for no limit), got {n_trials}.")
-    if timeout is not None and timeout <= 0:
-        raise KTError(f"--timeout must be > 0 seconds (or empty for no limit), got {timeout}.")
-    if n_trials is None and timeout is None:
-        raise KTError("give --n-trials or --timeout (or both); otherwise this worker would never stop.")
 
 
 def _mark_mlflow_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -72,7 +46,7 @@ def _mark_mlflow_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) ->
         client.set_tag(run_id, REASON_TAG, "worker stopped sending heartbeats (killed?); trial retried")
         client.set_terminated(run_id, "FAILED")
     except Exception as e:  # the study must go on even if the tracking server hiccups
-        print(f"sweep: could not mark MLflow run {run_id} failed ({str(e).splitlines()[0][:160]})")
+        print(f"sweep: could not mark MLflow run {run_id} failed ({first_line(e)})")
 
 
 def driver_url(url: str) -> str:
@@ -125,10 +99,9 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
                 time.sleep(0.2 + random.random())
     except ImportError as e:
         raise KTError(f"Optuna storage {shown} needs a database driver that is not installed "
-                      f"({str(e.__cause__ or e).splitlines()[0][:160]}); e.g. pip install psycopg2-binary.") from None
+                      f"({first_line((e.__cause__ or e), 160)}); e.g. pip install psycopg2-binary.") from None
     except Exception as e:  # sqlalchemy.exc.OperationalError / ArgumentError and friends
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise KTError(f"cannot reach Optuna storage {shown} ({first[:200]}); check --storage "
+        raise KTError(f"cannot reach Optuna storage {shown} ({first_line(e, 200)}); check --storage "
                       f"(host, port, database, user) and that the database server is running.") from None
 
 
@@ -153,7 +126,7 @@ def load_study(name: str, storage: optuna.storages.BaseStorage, sampler: optuna.
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
     except Exception as e:
-        raise KTError(f"cannot create or load study {name!r} ({str(e).splitlines()[0][:200]}).") from None
+        raise KTError(f"cannot create or load study {name!r} ({first_line(e, 200)}).") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise KTError(f"study {name!r} exists but minimises; sweeps maximise accuracy: use another --study-name.")
     return study
@@ -165,104 +138,6 @@ def val_digest(folder: Path, dataset: str) -> str:
     for meta in store.sidecars(Path(folder), "val"):
         h.update(meta["sha256"].encode())
     return h.hexdigest()[:16]
-
-
-# -- champion -------------------------------------------------------------------------------------------
-
-def current_champion(name: str):
-    """The model version holding the ``champion`` alias, or None."""
-    try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def decide_champion(name: str, version: str, score: float, digest: str,
-                    rescore: Optional[Callable[[str], float]] = None) -> Tuple[bool, str]:
-    """Should ``version`` (score ``score`` on the networks ``digest``) become the champion?
-
-    The current champion's score counts when it was measured on the same validation networks (same
-    digest tag); otherwise ``rescore(model_uri)`` measures it on ours. Only a strictly higher score wins.
-    """
-    champ = current_champion(name)
-    if champ is None:
-        return True, f"no {CHAMPION} of {name} yet"
-    if str(champ.version) == str(version):
-        return False, f"version {version} already is the {CHAMPION}"
-    theirs: Optional[float] = None
-    if champ.tags.get(VAL_DIGEST_TAG) == digest and champ.tags.get(SCORE_TAG):
-        theirs = float(champ.tags[SCORE_TAG])
-        where = "its recorded score on the same validation networks"
-    elif rescore is not None:
-        try:
-            theirs = float(rescore(f"models:/{name}/{champ.version}"))
-            where = "re-scored on this sweep's validation networks"
-        except Exception as e:
-            return False, (f"the {CHAMPION} (version {champ.version}) was scored on other validation networks and "
-                           f"cannot be re-scored on these ({str(e).splitlines()[0][:120]}); alias kept")
-    if theirs is None or not math.isfinite(theirs):
-        return False, f"the {CHAMPION} (version {champ.version}) has no comparable score; alias kept"
-    if score > theirs:
-        return True, f"{score:.2f}% beats the {CHAMPION} version {champ.version} ({theirs:.2f}%, {where})"
-    return False, f"{score:.2f}% does not beat the {CHAMPION} version {champ.version} ({theirs:.2f}%, {where})"
-
-
-def register_best(study: optuna.Study, name: str, digest: str, pairs_digest: str,
-                  rescore: Optional[Callable[[str], float]] = None) -> Optional[Tuple[str, bool, str]]:
-    """Register the study's best trial's translator (once) and move ``champion`` if it wins.
-
-    Returns (version, became champion, reason) or None when the study has no complete trial.
-    """
-    try:
-        best = study.best_trial
-    except ValueError:
-        return None
-    run_id, uri = best.user_attrs.get(RUN_ID_ATTR), best.user_attrs.get(MODEL_URI_ATTR)
-    if not run_id or not uri:
-        raise KTError(f"best trial {best.number} of study {study.study_name} has no logged translator "
-                      f"(user attrs {RUN_ID_ATTR}/{MODEL_URI_ATTR} missing).")
-    client = MlflowClient()
-    existing = []
-    try:
-        existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")]
-    except MlflowException:
-        pass
-    if existing:
-        version = str(min(int(v.version) for v in existing))
-    else:
-        version = str(mlflow.register_model(uri, name).version)
-        tags = {**best.user_attrs.get(MODEL_TAGS_ATTR, {}), SCORE_TAG: repr(float(best.value)),
-                VAL_DIGEST_TAG: digest, PAIRS_DIGEST_TAG: pairs_digest, "kt.val_acc_mean": f"{best.value:.2f}",
-                "kt.study": study.study_name, "kt.trial": str(best.number), "kt.run_id": run_id}
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, str(value))
-    wins, reason = move_champion(name, version, float(best.value), digest, rescore)
-    return version, wins, reason
-
-
-def move_champion(name: str, version: str, score: float, digest: str,
-                  rescore: Optional[Callable[[str], float]] = None, rounds: int = 4,
-                  settle: Tuple[float, float] = (0.5, 1.5)) -> Tuple[bool, str]:
-    """Point ``champion`` at ``version`` if it wins; returns (it holds the alias now, first decision's reason).
-
-    Workers that finish together may all see the same old champion and write the alias at once (the
-    server may also refuse one of two simultaneous writes). So each winner writes, waits a moment and
-    decides again: a better version written meanwhile stops it; a worse one written over it is replaced.
-    """
-    client = MlflowClient()
-    wins, reason = decide_champion(name, version, score, digest, rescore)
-    first = reason
-    for _ in range(rounds):
-        if not wins:
-            break
-        try:
-            client.set_registered_model_alias(name, CHAMPION, version)
-        except MlflowException:
-            pass                    # a concurrent write won this round; look again
-        time.sleep(settle[0] + random.random() * (settle[1] - settle[0]))
-        wins, reason = decide_champion(name, version, score, digest, rescore)
-    champ = current_champion(name)
-    return champ is not None and str(champ.version) == str(version), first
 
 
 # -- study report -------------------------------------------------------------------------------------
@@ -303,6 +178,6 @@ def log_study_report(study: optuna.Study, log: Callable[[str], None] = print) ->
             log(f"sweep: param importances need >= 2 complete trials, the study has {len(complete)}; skipped")
             continue
         try:
-            mlflow.log_figure(plot(study), f"plots/{name}.html")
+            log_figure(plot(study), f"plots/{name}.html")
         except Exception as e:  # e.g. every parameter fixed: nothing to rank
-            log(f"sweep: plot {name} skipped ({str(e).splitlines()[0][:160]})")
+            log(f"sweep: plot {name} skipped ({first_line(e)})")

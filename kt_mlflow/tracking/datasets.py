@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import mlflow
 import numpy as np
@@ -16,7 +16,7 @@ from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.types import Schema, TensorSpec
 
-from ..errors import KTError
+from ..errors import KTError, first_line
 from ..pairs import store
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -33,7 +33,7 @@ def resolve_pairs(spec: str) -> Path:
         try:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except Exception as e:  # MlflowException, OSError: the message is MLflow's
-            raise KTError(f"cannot fetch pairs from {uri} ({str(e).splitlines()[0]}); pass a generate run id or a folder.") from None
+            raise KTError(f"cannot fetch pairs from {uri} ({first_line(e)}); pass a generate run id or a folder.") from None
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise KTError(f"pairs {spec!r} is neither a folder nor a generate run id (runs:/<id>); run `kt generate` first.")
@@ -91,7 +91,7 @@ class PairDataset(Dataset):
 
     def to_dict(self) -> Dict[str, str]:
         base = super().to_dict()
-        base.update({"schema": json.dumps(self.schema.to_dict()) if self.schema else "",
+        base.update({"schema": json.dumps(ui_schema(self.schema)) if self.schema else "",
                      "profile": json.dumps(self.profile)})
         return base
 
@@ -122,9 +122,37 @@ class PairDataset(Dataset):
         return Schema(specs)
 
 
+def ui_schema(schema: Schema) -> Dict[str, Any]:
+    """``schema`` in the form the MLflow UI's dataset drawer lists as a table (``{"mlflow_colspec": [...]}``,
+    one row per tensor, its type e.g. ``float32 [6, 1, 3, 3] per pair``); each row keeps the tensor spec.
+
+    The UI shows ``{"mlflow_tensorspec": ...}`` only as "Array Datasource" and a bare list as
+    "Unrecognized Schema Format".
+    """
+    rows = []
+    for spec in schema.to_dict():
+        tensor = spec.get("tensor-spec", {})
+        dims = list(tensor.get("shape", []))[1:]  # dim 0 counts the pairs
+        shape = f"[{', '.join(str(d) for d in dims)}]" if dims else "scalar"
+        rows.append({"name": spec.get("name"), "type": f"{tensor.get('dtype', spec.get('type'))} {shape} per pair",
+                     "tensor-spec": tensor})
+    return {"mlflow_colspec": rows}
+
+
 def log_pair_input(folder: Path, spec: str, context: str) -> None:
     """Log the pair set ``spec`` (folder, run id or ``runs:/`` URI, already fetched to ``folder``) as a run input."""
     if RUN_ID.match(spec):
         spec = f"runs:/{spec}/{PAIRS_ARTIFACT}"
     source = spec if spec.startswith("runs:/") else str(Path(folder).resolve())
     mlflow.log_input(PairDataset(folder, source=PairShardSource(source)), context=context)
+
+
+def load_pair_splits(spec: str, dataset: str) -> Tuple[Path, store.PairSet, store.PairSet]:
+    """(folder, train split, val split) from a folder or generate run id; checks the image dataset."""
+    folder = resolve_pairs(spec)
+    train, val = store.load_split(folder, "train"), store.load_split(folder, "val")
+    made_on = train.settings.get("dataset")
+    if made_on != dataset:
+        raise KTError(f"the pairs in {spec} were generated on dataset {made_on!r}, not {dataset!r}; "
+                      f"pass --dataset {made_on} (and its --data-root).")
+    return folder, train, val

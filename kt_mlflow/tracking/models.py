@@ -2,28 +2,33 @@
 
 MLflow reserves the alias name ``latest`` and resolves ``models:/NAME/latest`` to the newest version
 itself; so ``load_translator("NAME")``, ``"models:/NAME@latest"`` and ``"models:/NAME/latest"`` all
-mean the newest version, and any other alias (``@champion``) is looked up as an alias.
+mean the newest version, and any other alias is looked up as an alias: ``@candidate`` is the version
+``kt train`` registered last, ``@champion`` the best one a sweep found (only sweeps move it).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Optional
+from types import SimpleNamespace
+from typing import Any, Dict, Optional
 
 import mlflow
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from ..blocks import flatten_block
-from ..errors import KTError
+from ..errors import KTError, first_line
 from ..translators import Translator
 
 PYFUNC_CODE = str(Path(__file__).with_name("translator_pyfunc.py"))
+ARTIFACT = "translator"      # the logged model's name (runs:/ID/translator) and its artifacts/translator folder
+CANDIDATE = "candidate"      # alias of the version `kt train` registered last (MLflow reserves "latest")
 
 
 def default_name(family: str, arch: str) -> str:
@@ -46,10 +51,25 @@ def _requirements() -> list:
     return pins + [f"kt-mlflow=={metadata.version('kt-mlflow')}"]
 
 
-def log_translator(translator: Translator, example_large: Dict[str, torch.Tensor], registered_name: Optional[str],
-                   tags: Optional[Dict[str, str]] = None) -> Optional[str]:
-    """Log ``translator`` to the active run as a pyfunc model; register it if a name is given.
+def _save_pyfunc(path: str, mlflow_model: Model, **kwargs: Any) -> None:
+    """``mlflow.pyfunc.save_model``, then the MLmodel records the translator folder by where it lies in the
+    model (``artifacts/translator``) instead of the temporary folder it was copied from (the UI shows it)."""
+    mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+    for info in mlflow_model.flavors.get("python_function", {}).get("artifacts", {}).values():
+        info["uri"] = info["path"]
+    mlflow_model.save(os.path.join(path, "MLmodel"))
 
+
+# The flavor module Model.log saves with: mlflow.pyfunc, but for the MLmodel tidied as above.
+_PYFUNC_FLAVOR = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
+def log_translator(translator: Translator, example_large: Dict[str, torch.Tensor], registered_name: Optional[str],
+                   tags: Optional[Dict[str, str]] = None, alias: Optional[str] = None) -> Optional[str]:
+    """Log ``translator`` to the active run as the pyfunc model ``translator``; register it if a name is given.
+
+    A registered version gets the translator's ``kt.*`` tags plus ``tags``, a description saying what it
+    translates (see ``describe_version``) and, when given, ``alias`` (``kt train`` passes ``candidate``).
     Returns the new model version (as a string) or None when not registered.
     """
     family = translator.family
@@ -58,34 +78,91 @@ def log_translator(translator: Translator, example_large: Dict[str, torch.Tensor
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1]))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out))]))
     with tempfile.TemporaryDirectory() as tmp:
-        translator.save(Path(tmp))
-        info = mlflow.pyfunc.log_model(
-            name="translator", python_model=PYFUNC_CODE, artifacts={"translator": tmp}, signature=signature,
-            input_example=example, pip_requirements=_requirements(), registered_model_name=registered_name,
+        folder = Path(tmp) / ARTIFACT  # its name is the folder's name inside the model: artifacts/translator
+        folder.mkdir()
+        translator.save(folder)
+        # mlflow.pyfunc.log_model is Model.log with the flavor mlflow.pyfunc; ours only tidies the MLmodel.
+        info = Model.log(
+            artifact_path=None, name=ARTIFACT, flavor=_PYFUNC_FLAVOR, flavor_name="pyfunc.ModelFromCode",
+            python_model=PYFUNC_CODE, artifacts={ARTIFACT: str(folder)}, signature=signature, input_example=example,
+            pip_requirements=_requirements(), registered_model_name=registered_name,
             metadata={"kt": translator.config()},
         )
     if not registered_name:
         return None
     version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key, value in {**translator.config_tags(), **(tags or {})}.items():
-        client.set_model_version_tag(registered_name, version, key, value)
+    run = mlflow.active_run()
+    all_tags = {**translator.config_tags(), **(tags or {})}
+    if run is not None:
+        all_tags.setdefault("kt.run_id", run.info.run_id)
+    annotate_version(registered_name, version, all_tags)
+    if alias:
+        set_alias(registered_name, alias, version)
     return version
 
 
+def describe_version(tags: Dict[str, str]) -> str:
+    """The model-version description (Markdown) the UI shows, from the version's ``kt.*`` tags."""
+    family = tags.get("kt.family", "?")
+    try:
+        from ..blocks import create_family
+
+        fam = create_family(family)
+        blocks = f"large block `{fam.large}` -> small block `{fam.small}`"
+    except Exception:  # an unknown family still gets a description
+        blocks = "large block -> small block"
+    lines = [f"Knowledge Translation translator for `{family}` networks ({blocks}): it maps the weights of a "
+             f"trained large block to the weights of the small block that replaces it, without retraining.", ""]
+    for label, key in (("recipe", "kt.recipe"), ("architecture", "kt.arch"), ("sweep study", "kt.study"),
+                       ("sweep trial", "kt.trial")):
+        if tags.get(key):
+            lines.append(f"- {label}: `{tags[key]}`")
+    if tags.get("kt.val_acc_mean"):
+        lines.append(f"- validation accuracy: {tags['kt.val_acc_mean']}% (mean over the held-out networks, "
+                     f"their large block replaced by the translated small block)")
+    if tags.get("kt.run_id"):
+        lines.append(f"- train run: `{tags['kt.run_id']}`")
+    return "\n".join(lines)
+
+
+def describe_model(name: str, family: str, arch: str) -> str:
+    """The registered-model description (Markdown): what its versions are and what the aliases mean."""
+    return (f"Knowledge Translation translators (kt-mlflow) for `{family}` networks, architecture `{arch}`: each "
+            f"version maps a trained large block to its small block.\n\n"
+            f"- `@{CANDIDATE}`: the version `kt train` registered last\n"
+            f"- `@champion`: the best version a sweep found (moved only by `kt sweep`)\n"
+            f"- `models:/{name}/latest`: the newest version\n\n"
+            f"Load one with `kt_mlflow.load_translator(\"models:/{name}@{CANDIDATE}\")`.")
+
+
+def annotate_version(name: str, version: str, tags: Dict[str, str]) -> None:
+    """Tag a registered version, describe it, and describe its registered model when it has no description."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(name, version, description=describe_version(tags))
+    if not (client.get_registered_model(name).description or "").strip():
+        client.update_registered_model(name, description=describe_model(name, tags.get("kt.family", "?"),
+                                                                        tags.get("kt.arch", "?")))
+
+
 def load_translator(name_or_uri: str, device: str = "cpu") -> Translator:
-    """Pull a translator by registered name, ``models:/NAME@alias``, ``runs:/...`` or a local model folder.
+    """Pull a translator by registered name, ``models:/NAME@alias``, ``runs:/ID/translator`` or a local model folder.
+
+    A bare name (or ``@latest``) means the newest version; ``@candidate`` is the version ``kt train``
+    registered last, ``@champion`` the best version a sweep found.
 
     Example:
-        >>> tr = load_translator("kt-paper_mnist-mixer")            # doctest: +SKIP
-        >>> small = tr.translate(large_block.state_dict())          # doctest: +SKIP
+        >>> tr = load_translator("kt-paper_mnist-channel_set")                  # doctest: +SKIP
+        >>> tr = load_translator("models:/kt-paper_mnist-channel_set@candidate")  # doctest: +SKIP
+        >>> small = tr.translate(large_block.state_dict())                      # doctest: +SKIP
     """
     uri = model_uri(name_or_uri)
     try:
         pyfunc = mlflow.pyfunc.load_model(uri)
     except MlflowException as e:
         raise KTError(f"no translator at {uri} on tracking server {mlflow.get_tracking_uri()} "
-                      f"({str(e).splitlines()[0][:160]}); train one with `kt train --registered-name NAME`.") from None
+                      f"({first_line(e)}); train one with `kt train --registered-name NAME`.") from None
     model = pyfunc.unwrap_python_model()
     translator = getattr(model, "translator", None)
     if not isinstance(translator, Translator):

@@ -1,1 +1,1 @@
-"""Training translators: augmentation, recipes, the training loop and its MLflow step."""
+"""Training translators: augmentation, the task loss and the training loop."""

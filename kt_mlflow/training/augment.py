@@ -1,22 +1,9 @@
-"""Augmentation for scarce pairs (KT_SPEC.md): random masking and Gaussian noise, on the device."""
+"""Augmentation for scarce pairs (arXiv 2401.05772): random masking and Gaussian noise, on the device."""
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
-
-from ..errors import KTError
-
-TARGETS = ("source", "target", "both")
-
-
-def check_augmentation(mask_ratio: float, noise_std: float, augment_on: str) -> None:
-    if not 0.0 <= mask_ratio < 1.0:
-        raise KTError(f"--mask-ratio must be in [0, 1), got {mask_ratio}.")
-    if noise_std < 0:
-        raise KTError(f"--noise-std must be >= 0, got {noise_std}.")
-    if augment_on not in TARGETS:
-        raise KTError(f"--augment-on must be one of {', '.join(TARGETS)}, got {augment_on!r}.")
 
 
 def mask_and_noise(x: torch.Tensor, mask_ratio: float, noise_std: float) -> torch.Tensor:

@@ -99,11 +99,7 @@ class Translator:
     def compress(self, network: nn.Module) -> KTNetwork:
         """A trained base network (begin + large + last) -> the same network with the small block."""
         state = network.state_dict()
-        expected = set(self.family.base_network().state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise KTError(f"not a {self.family.name} base network: missing {missing[:4]}, unexpected {extra[:4]}; "
-                          f"build it with kt_mlflow.create_family({self.family.name!r}).base_network().")
+        self.family.check_network_state(state)
         compressed = self.family.compressed_network()
         compressed.begin.load_state_dict(prefixed(state, "begin"))
         compressed.last.load_state_dict(prefixed(state, "last"))
@@ -114,7 +110,8 @@ class Translator:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         atomic_write(folder / "translator.safetensors",
-                     lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(tmp)))
+                     lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
+                                           str(tmp)))
         atomic_write_json(folder / "translator.json", self.config())
 
     @classmethod

@@ -1,14 +1,16 @@
 """Named translation recipes: the paper's, and switches that use the structure of the problem.
 
-Each switch is recorded as an MLflow param. ``paper`` reproduces KT_SPEC.md: conv weights only,
-parameter MSE, mask/noise augmentation, the Mixer.
+Each switch is recorded as an MLflow param (``recipe_<switch>``). ``paper`` is the published setup
+(arXiv 2401.05772): conv weights only, parameter MSE, mask/noise augmentation, the Mixer.
+The task loss (``distill``, ``feature_match``) scores what a translated block does inside its pair's
+own network, on training images; translation itself stays data-free.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from typing import Dict
 
-from ..errors import KTError
+from .errors import KTError
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,11 @@ class Recipe:
     standardize: bool = False     # per-feature standardisation of translator inputs and outputs
     arch: str = ""                # translator architecture the recipe needs ("" = the --arch choice)
     param: float = 1.0            # weight of the parameter MSE (the paper's loss)
-    functional: float = 0.0       # weight of the prediction KL to the pair's base network (distillation)
-    features: float = 0.0         # weight of the relative MSE to the large block's output features
+    distill: float = 0.0          # task loss: weight of the prediction KL to the pair's base network
+    feature_match: float = 0.0    # task loss: weight of the relative MSE to the large block's output features
     perturb: float = 0.0          # perturb each large block (relative noise), teacher recomputed from it
-    context: float = 0.0          # perturb the begin/last blocks around it too (functional loss only)
-    grad_leak: float = 0.0        # gradient of the small block's hidden ReLU below zero (functional loss only)
+    context: float = 0.0          # perturb the begin/last blocks around it too (task loss only)
+    grad_leak: float = 0.0        # gradient of the small block's hidden ReLU below zero (task loss only)
     grad_clip: float = 0.0        # max gradient norm per step (0: none, as in the paper)
 
     def as_params(self) -> Dict[str, object]:
@@ -44,16 +46,16 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     # The symmetries built into the translator rather than taught: channel_set is equivariant to
     # residual-channel and invariant to hidden-channel permutations by construction.
     replace(PAPER, name="equivariant", arch="channel_set", standardize=True),
-    replace(PAPER, name="functional", functional=1.0, features=1.0, standardize=True),
+    replace(PAPER, name="task", distill=1.0, feature_match=1.0, standardize=True),
     # All together, plus new networks every step (perturbed large blocks and surroundings, teachers
-    # recomputed), which only the functional loss makes possible, and a gradient leak so that no
+    # recomputed), which only the task loss makes possible, and a gradient leak so that no
     # translated hidden unit can die for good. The parameter MSE is dropped (it pulls towards one
     # arbitrary member of each target's symmetry class; canonical targets then do not matter), and
     # perm_augment is left out: channel_set is invariant to those permutations already. rescale and
-    # bn_stats measured no gain on top (README), so they stay out. Gradient clipping keeps one bad step
+    # bn_stats measured no gain on top (docs/results.md), so they stay out. Gradient clipping keeps one bad step
     # from switching the translated hidden units off for good (seen at width 128 without it).
-    Recipe("best", bn_aware=True, standardize=True, arch="channel_set", param=0.0, functional=1.0,
-           features=1.0, perturb=0.2, context=0.2, grad_leak=0.05, grad_clip=1.0),
+    Recipe("best", bn_aware=True, standardize=True, arch="channel_set", param=0.0, distill=1.0,
+           feature_match=1.0, perturb=0.2, context=0.2, grad_leak=0.05, grad_clip=1.0),
 )}
 
 

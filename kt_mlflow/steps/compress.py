@@ -7,8 +7,10 @@ from typing import Dict
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import KTError
-from .io import atomic_write
+from ..config import CompressConfig
+from ..errors import KTError
+from ..io import atomic_write
+from ..tracking.models import load_translator
 
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -23,9 +25,6 @@ def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
                       f"torch.save(net.state_dict(), PATH) or safetensors.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KTError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; save net.state_dict().")
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise KTError(f"{path}: parameter {k} contains NaN or inf; compress a trained, finite network.")
     return state
 
 
@@ -39,21 +38,10 @@ def save_state_dict(state: Dict[str, torch.Tensor], path: Path) -> None:
 
 def compress_file(model: str, network: Path, output: Path, device: str = "cpu") -> Dict[str, int]:
     """Translate ``network``'s large block with translator ``model``; write the compressed network."""
-    from .tracking.models import load_translator
-
     state = load_state_dict(network)
     translator = load_translator(model, device)
     base = translator.family.base_network()
-    missing = sorted(set(base.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(base.state_dict()))
-    if missing or unexpected:
-        raise KTError(f"{network} is not a {translator.family.name} base network (missing {missing[:3]}, "
-                      f"unexpected {unexpected[:3]}); translator {model} expects "
-                      f"kt_mlflow.create_family({translator.family.name!r}).base_network().")
-    for k, v in base.state_dict().items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise KTError(f"{network}: {k} has shape {tuple(state[k].shape)}, translator {model} expects {tuple(v.shape)} "
-                          f"(family {translator.family.name}).")
+    translator.family.check_network_state(state)
     base.load_state_dict(state)
     compressed = translator.compress(base)
     save_state_dict(compressed.state_dict(), output)
@@ -67,3 +55,7 @@ def compress_file(model: str, network: Path, output: Path, device: str = "cpu") 
     return {"params_before": before, "params_after": after, "block_before": block_before, "block_after": block_after}
 
 
+def run_compress(cfg: CompressConfig) -> Dict[str, int]:
+    """``kt compress``: no MLflow run of its own (it reads the registry, writes one file)."""
+    cfg.validate()
+    return compress_file(cfg.model, Path(cfg.input), Path(cfg.output), cfg.device)

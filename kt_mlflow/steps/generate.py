@@ -6,15 +6,18 @@ from typing import Optional
 
 import mlflow
 
+from ..config import GenerateConfig
+from ..pairs.generate import generate_pairs
 from ..tracking.datasets import PAIRS_ARTIFACT, PairDataset, PairShardSource
 from ..tracking.runs import step_run
-from .generate import GenerateConfig, generate_pairs
 
 
-def run_generate(cfg: GenerateConfig, experiment: Optional[str] = None, nested: bool = False) -> str:
+def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, nested: bool = False) -> str:
     """Generate (or resume) pairs inside an MLflow run; returns the run id."""
     cfg.validate()
-    with step_run("generate", cfg.as_params(), run_name="generate", nested=nested, experiment=experiment) as run:
+    folder = cfg.folder()
+    name = f"pairs {cfg.family} {cfg.n_pairs}+{cfg.n_val}"
+    with step_run("generate", cfg.as_params(), run_name=name, nested=nested, experiment=experiment, family=cfg.family) as run:
 
         def on_shard(made: int, seconds: float, records) -> None:
             mlflow.log_metrics({"pairs_made": made, "pairs_per_min": 60.0 * made / max(seconds, 1e-9)}, step=made)
@@ -22,7 +25,7 @@ def run_generate(cfg: GenerateConfig, experiment: Optional[str] = None, nested: 
         summary = generate_pairs(cfg, on_shard=on_shard)
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.set_tag("kt.pairs_digest", summary["digest"])
-        mlflow.log_artifacts(cfg.output, PAIRS_ARTIFACT)
+        mlflow.log_artifacts(folder, PAIRS_ARTIFACT)
         uri = f"runs:/{run.info.run_id}/{PAIRS_ARTIFACT}"
-        mlflow.log_input(PairDataset(Path(cfg.output), source=PairShardSource(uri)), context="generated")
+        mlflow.log_input(PairDataset(Path(folder), source=PairShardSource(uri)), context="generated")
         return run.info.run_id

@@ -1,12 +1,12 @@
-"""Train K networks at once in one process (the members of a stacked ``KTNetwork``).
+"""The engine: K small networks trained and measured at once, as the members of one stacked network.
 
 Each member has its own initialisation, its own data order and its own BN statistics; the loss is
 the sum of the members' mean cross-entropies, so every member receives exactly the gradient it would
-get alone and SGD (with momentum, element-wise) updates it exactly as it would alone.
+get alone and SGD (with momentum, element-wise) updates it exactly as it would alone. Generation,
+evaluation and fine-tuning all run through here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 import ctypes
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -16,24 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..blocks import BlockFamily, stack_states, unstack_state
-from ..blocks.layers import set_interleaved
-from ..blocks.native import use_native
+from .blocks import BlockFamily, fold_members
+from .config import PairSchedule
 
-
-@dataclass(frozen=True)
-class Protocol:
-    """How one pair is trained (KT_SPEC.md: SGD 0.01, momentum 0.9, batch 128, flips; 10 epochs there)."""
-
-    epochs: int = 3
-    small_epochs: int = 3
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 128
-    flip: bool = True
-
-    def as_params(self) -> Dict[str, object]:
-        return asdict(self)
+State = Dict[str, torch.Tensor]
 
 
 def _mix(seed: int, phase: int) -> int:
@@ -92,7 +78,7 @@ def train_members(
     seeds: Sequence[int],
     phase: int,
     epochs: int,
-    protocol: Protocol,
+    schedule: PairSchedule,
     bar: Optional[tqdm] = None,
     on_epoch: Optional[Callable[[int], None]] = None,
 ) -> None:
@@ -101,12 +87,12 @@ def train_members(
     ``on_epoch(epoch)`` runs after each epoch (e.g. to measure accuracy along the way).
     """
     k, n = len(seeds), len(x)
-    opt = torch.optim.SGD(params, lr=protocol.lr, momentum=protocol.momentum)
+    opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum)
     plans = [epoch_plans(s, phase, epochs, n) for s in seeds]
     # Every image and its mirror image, once: a flip is then a choice of index, and one gather builds
     # the whole (b, K, C, H, W) batch in the stacked network's member-major order.
-    images = torch.cat([x, x.flip(-1)]) if protocol.flip else x
-    labels = torch.cat([y, y]) if protocol.flip else y
+    images = torch.cat([x, x.flip(-1)]) if schedule.flip else x
+    labels = torch.cat([y, y]) if schedule.flip else y
     # A training begin block takes its BN statistics from per-image patch moments (exact, and it keeps
     # BN off the largest activation): tabulate them once, sum the batch's rows each step.
     table = net.begin.patch_moments(images) if net.begin.training else None
@@ -114,11 +100,11 @@ def train_members(
     with _KeepHeap():
         for epoch in range(epochs):
             order = torch.stack([p[epoch][0] for p in plans])  # (K, n)
-            if protocol.flip:
+            if schedule.flip:
                 order = order + n * torch.stack([p[epoch][1] for p in plans]).long()
             order = order.t().contiguous().to(x.device)  # (n, K): row i = every member's i-th sample
-            for start in range(0, n, protocol.batch_size):
-                idx = order[start: start + protocol.batch_size]  # (b, K)
+            for start in range(0, n, schedule.batch_size):
+                idx = order[start: start + schedule.batch_size]  # (b, K)
                 moments = None
                 if table is not None:
                     moments = (table[0][idx].sum(0), table[1][idx].sum(0), idx.shape[0] * positions)
@@ -152,48 +138,29 @@ def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: 
     return correct * 100.0 / len(x)
 
 
-def train_pairs(
-    family: BlockFamily,
-    seeds: Sequence[int],
-    data,
-    protocol: Protocol,
-    device: torch.device,
-    bar: Optional[tqdm] = None,
-    kernels: str = "auto",
-) -> Dict[str, object]:
-    """Run the generation protocol (KT_SPEC.md steps 1-3) for len(seeds) networks at once.
 
-    Returns the per-member states of begin / large / last / small and both accuracies. The networks
-    take the dtype of ``data``: float32 normally, float64 for the exact equivalence tests.
-    ``kernels``: see ``blocks.native.use_native`` (the same networks either way, other float rounding).
+@torch.no_grad()
+def network_accuracy(family: BlockFamily, begin: State, block: State, last: State, data,
+                     which: str = "small", device: Optional[torch.device] = None, chunk: int = 64) -> torch.Tensor:
+    """Test accuracy (%) of each network ``begin[i] -> block[i] -> last[i]``; tensors are ``(P, ...)``.
+
+    ``which`` says whether ``block`` is the family's 'small' or 'large' block. Networks are evaluated
+    ``chunk`` at a time as members of one stacked network.
+
+    Example:
+        >>> acc = network_accuracy(fam, pairs.part("begin"), small, pairs.part("last"), data)  # doctest: +SKIP
     """
-    k = len(seeds)
-    native = use_native(kernels, device)
-    inits = [family.init_pair(s) for s in seeds]
-    x, y = data.train_x.to(device), data.train_y.to(device)
+    device = device or torch.device("cpu")
+    n = next(iter(block.values())).shape[0]
     tx, ty = data.test_x.to(device), data.test_y.to(device)
-
-    base = family.base_network(k)
-    base.load_state_dict(stack_states([b for b, _ in inits]))
-    base = set_interleaved(base, native).to(device, dtype=x.dtype, memory_format=torch.channels_last).train()
-    train_members(base, base.parameters(), x, y, seeds, 0, protocol.epochs, protocol, bar)
-    base_acc = accuracy_members(base, tx, ty, k)
-
-    # Step 3: begin and last frozen (parameters and BN statistics); only the small block learns.
-    small = family.small_block(k)
-    small.load_state_dict(stack_states([s for _, s in inits]))
-    small = small.to(device, dtype=x.dtype, memory_format=torch.channels_last)
-    comp = set_interleaved(type(base)(base.begin, small, base.last, k), native)
-    for frozen in (comp.begin, comp.last):
-        frozen.eval().requires_grad_(False)
-    comp.block.train()
-    train_members(comp, comp.block.parameters(), x, y, seeds, 1, protocol.small_epochs, protocol, bar)
-    small_acc = accuracy_members(comp, tx, ty, k)
-
-    def split(module: nn.Module) -> List[Dict[str, torch.Tensor]]:
-        return unstack_state({n: t.detach().cpu().contiguous() for n, t in module.state_dict().items()}, k)
-
-    return {
-        "begin": split(base.begin), "large": split(base.block), "last": split(base.last),
-        "small": split(comp.block), "base_acc": base_acc.cpu(), "small_acc": small_acc.cpu(),
-    }
+    out = []
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(n, lo + chunk))
+        k = sl.stop - sl.start
+        net = family.base_network(k) if which == "large" else family.compressed_network(k)
+        net.begin.load_state_dict(fold_members(begin, sl))
+        net.block.load_state_dict(fold_members(block, sl))
+        net.last.load_state_dict(fold_members(last, sl))
+        net = net.to(device, memory_format=torch.channels_last)
+        out.append(accuracy_members(net, tx, ty, k))
+    return torch.cat(out).cpu()

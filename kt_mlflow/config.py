@@ -1,0 +1,337 @@
+"""Every step's parameters, declared once: one dataclass per step, fields with their help text.
+
+The ``kt`` command builds its flags from these fields (``--n-pairs`` from ``n_pairs``), the MLproject
+entry points list the same names and defaults (a test holds them together), and each run logs
+``as_params()``. This module imports no torch and no mlflow, so ``kt --help`` answers at once.
+
+Example:
+    >>> cfg = GenerateConfig(n_pairs=8, n_val=4)
+    >>> cfg.validate()
+    >>> cfg.as_params()["n_pairs"]
+    8
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from .errors import KTError
+from .paths import pairs_folder
+from .recipes import RECIPES, get_recipe
+
+AUGMENT_ON = ("source", "target", "both")
+KERNELS = ("auto", "native", "torch")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "halving", "none")
+DEFAULT_BASELINES = ("random", "identity", "uniform", "l1")
+
+
+def option(default: Any = MISSING, help: str = "", choices: Optional[tuple] = None) -> Any:
+    """A config field with the help text (and allowed values) its CLI flag shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_min(cfg: Any, names: str, low: float) -> None:
+    for name in names.split():
+        value = getattr(cfg, name)
+        if value is not None and not value >= low:
+            raise KTError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value}.")
+
+
+def _check_choice(cfg: Any) -> None:
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise KTError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                          f"got {getattr(cfg, f.name)!r}.")
+
+
+class StepConfig:
+    """What every step config does: check itself, and turn into MLflow params."""
+
+    def validate(self) -> None:
+        _check_choice(self)
+
+    def as_params(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairSchedule:
+    """How one pair is trained (arXiv 2401.05772's pair training: SGD 0.01, momentum 0.9, batch 128, flips, 10 epochs)."""
+
+    epochs: int = 3
+    small_epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 128
+    flip: bool = True
+
+    def as_params(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DataOptions(StepConfig):
+    """Parameters that mean the same in every step."""
+
+    dataset: str = option("mnist", "images: mnist (the bundled 10,000 real test images unless --data-root) or digits")
+    data_root: Optional[str] = option(None, "folder with the MNIST IDX files (downloaded there when missing)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+
+
+@dataclass
+class GenerateConfig(DataOptions):
+    output: Optional[str] = option(None, "pair folder (resumed if it exists; default: derived from the settings, "
+                                         "under $KT_HOME/pairs)")
+    family: str = option("paper_mnist", "block family (large block -> small block)")
+    n_pairs: int = option(32, "training pairs in the whole pair set")
+    n_val: int = option(8, "held-out validation networks")
+    start_index: int = option(0, "first global pair index of this worker")
+    count: Optional[int] = option(None, "pairs for this worker (default: all)")
+    members: int = option(16, "networks trained at once (= pairs per shard)")
+    workers: int = option(0, "processes training shards side by side (0: one per CPU core; 1 on a GPU)")
+    kernels: str = option("auto", "convolutions: native (CPU kernels, members interleaved), torch (grouped), "
+                                  "auto (native on a CPU where they build)", KERNELS)
+    epochs: int = option(3, "base-network epochs (paper: 10)")
+    small_epochs: int = option(3, "small-block epochs (paper: 10)")
+    lr: float = option(0.01, "SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    batch_size: int = option(128, "SGD batch size")
+    flip: bool = option(True, "random horizontal flips")
+
+    @property
+    def schedule(self) -> PairSchedule:
+        return PairSchedule(self.epochs, self.small_epochs, self.lr, self.momentum, self.batch_size, self.flip)
+
+    def settings(self) -> Dict[str, Any]:
+        """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
+        return {"family": self.family, "dataset": self.dataset, "seed": self.seed, **self.schedule.as_params()}
+
+    def folder(self) -> str:
+        """``output``, or the folder these settings own in the data home (same settings, same folder)."""
+        if self.output:
+            return self.output
+        return str(pairs_folder({**self.settings(), "data_root": self.data_root or "", "n_pairs": self.n_pairs,
+                                 "n_val": self.n_val, "members": self.members}, self.family, self.dataset))
+
+    def validate(self) -> None:
+        super().validate()
+        _check_min(self, "n_pairs n_val start_index workers", 0)
+        _check_min(self, "members count epochs small_epochs batch_size", 1)
+        if self.n_pairs + self.n_val == 0:
+            raise KTError("nothing to generate: set --n-pairs and/or --n-val above 0.")
+        if self.start_index >= self.n_pairs + self.n_val:
+            raise KTError(f"--start-index {self.start_index} is past the last pair ({self.n_pairs + self.n_val - 1}).")
+        if not self.lr > 0:
+            raise KTError(f"--lr must be > 0, got {self.lr}.")
+
+    def as_params(self) -> Dict[str, Any]:
+        return {**asdict(self), "output": self.folder()}
+
+
+def default_pairs(dataset: str, data_root: Optional[str]) -> str:
+    """The pair folder that ``kt generate`` fills with its default settings on this dataset."""
+    return GenerateConfig(dataset=dataset, data_root=data_root).folder()
+
+
+@dataclass
+class ArchOptions(StepConfig):
+    """The translator and how it is trained, where a sweep keeps them fixed."""
+
+    arch: str = option("mixer", "translator architecture: mixer, mlp or channel_set (unless the recipe names one)")
+    recipe: str = option("paper", "translation recipe (docs/recipes.md)", tuple(RECIPES))
+    dropout: float = option(0.1, "translator dropout")
+    batch_size: int = option(64, "pairs per step (paper: 4096 with 300,000 pairs)")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    augment_on: str = option("source", "where masking and noise apply", AUGMENT_ON)
+    val_every: int = option(10, "epochs between validations (the sweep's pruning points)")
+    select_holdout: int = option(0, "training pairs held out to pick the kept epoch (0: pick on the validation "
+                                    "networks, which then flatters their evaluation)")
+    task_bank: int = option(512, "training images per pair whose begin-block features the task loss keeps "
+                                 "(fewer when the bank would pass 4 GB)")
+    task_pairs: int = option(64, "pairs per step that get the task loss")
+    task_images: int = option(64, "training images per step for the task loss")
+    pairs: Optional[str] = option(None, "pair folder or generate run id (default: the folder `kt generate` "
+                                        "fills with its default settings)")
+    registered_name: Optional[str] = option(None, "registered model name (default kt-<family>-<arch>)")
+
+    @property
+    def resolved_arch(self) -> str:
+        """The architecture trained: the recipe's when it needs one, else ``arch``."""
+        return get_recipe(self.recipe).arch or self.arch
+
+    def validate(self) -> None:
+        super().validate()
+        get_recipe(self.recipe)
+        _check_min(self, "batch_size val_every task_bank task_pairs task_images", 1)
+        _check_min(self, "select_holdout weight_decay", 0)
+        if not 0.0 <= self.dropout < 1.0:
+            raise KTError(f"--dropout must be in [0, 1), got {self.dropout}.")
+
+
+@dataclass
+class TrainConfig(DataOptions, ArchOptions):
+    depth: int = option(4, "translator layers (paper: 24)")
+    width: int = option(64, "embedding width C (paper: 128)")
+    token_hidden: int = option(128, "token-mixing hidden width (paper: 256)")
+    channel_hidden: int = option(256, "channel-mixing hidden width (paper: 512)")
+    epochs: int = option(200, "translator epochs (paper: 300 to 1000)")
+    lr: float = option(1e-3, "Adam learning rate")
+    mask_ratio: float = option(0.0, "random masking probability p")
+    noise_std: float = option(0.0, "Gaussian noise sigma")
+
+    def arch_kwargs(self) -> Dict[str, Any]:
+        kw: Dict[str, Any] = {"depth": self.depth, "width": self.width, "dropout": self.dropout}
+        if self.resolved_arch == "mixer":
+            kw.update(token_hidden=self.token_hidden, channel_hidden=self.channel_hidden)
+        elif self.resolved_arch == "channel_set":
+            kw.update(channel_hidden=self.channel_hidden)
+        return kw
+
+    def validate(self) -> None:
+        super().validate()
+        _check_min(self, "depth width token_hidden channel_hidden epochs", 1)
+        _check_min(self, "noise_std", 0)
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise KTError(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}.")
+        if not self.lr > 0:
+            raise KTError(f"--lr must be > 0, got {self.lr}.")
+
+    def as_params(self) -> Dict[str, Any]:
+        return {**asdict(self), **get_recipe(self.recipe).as_params(), "arch": self.resolved_arch}
+
+
+@dataclass
+class EvaluateConfig(DataOptions):
+    model: str = option("kt-paper_mnist-channel_set", "registered name, models:/NAME@alias or runs:/ID/translator")
+    pairs: Optional[str] = option(None, "pair folder or generate run id whose val networks are evaluated "
+                                        "(default: the folder `kt generate` fills with its default settings)")
+    baselines: str = option(",".join(DEFAULT_BASELINES), "comma-separated baselines: random, identity, uniform, l1")
+
+    @property
+    def baseline_names(self) -> List[str]:
+        return [b for b in self.baselines.split(",") if b]
+
+
+@dataclass
+class SweepConfig(DataOptions, ArchOptions):
+    study_name: str = option("kt-sweep", "Optuna study; workers with the same name and storage cooperate")
+    storage: Optional[str] = option(None, "Optuna storage: sqlite:///FILE (one machine) or postgresql://USER@HOST/DB "
+                                          "(many; default: SQLite in $KT_HOME)")
+    n_trials: Optional[int] = option(20, "trials run by this worker ('' = no limit)")
+    timeout: Optional[float] = option(None, "seconds this worker starts trials for")
+    sampler: str = option("tpe", "Optuna sampler (seeded by --seed + --worker)", SAMPLERS)
+    pruner: str = option("median", "pruner of trials on their validation scores", PRUNERS)
+    pruner_startup_trials: int = option(2, "trials before the median pruner prunes")
+    worker: int = option(0, "index of this worker (gives it its own sampler seed)")
+    heartbeat_interval: int = option(10, "seconds between trial heartbeats")
+    grace_period: Optional[int] = option(None, "seconds without heartbeat before a trial fails (default 2 x interval)")
+    max_retry: int = option(3, "times a failed (killed) trial is re-queued")
+    depth_min: int = option(2, "translator layers searched from")
+    depth_max: int = option(8, "translator layers searched to (paper: 24)")
+    width_min: int = option(32, "embedding width searched log-uniformly from")
+    width_max: int = option(128, "embedding width searched to (paper: 128)")
+    width_choices: str = option("", "e.g. 32,64,128: search these widths instead of min..max")
+    token_mult: int = option(2, "token_hidden = token_mult x width")
+    channel_mult: int = option(4, "channel_hidden = channel_mult x width")
+    mask_max: float = option(0.3, "mask ratio searched in [0, mask-max]")
+    noise_max: float = option(0.05, "noise sigma searched in [0, noise-max]")
+    epochs_min: int = option(20, "translator epochs searched from")
+    epochs_max: int = option(200, "translator epochs searched to (paper: 300 to 1000)")
+    lr_min: float = option(1e-3, "learning rate searched log-uniformly from")
+    lr_max: float = option(1e-3, "learning rate searched to")
+
+    def width_options(self) -> Optional[List[int]]:
+        """The widths of --width-choices, sorted, or None to search --width-min..--width-max."""
+        text = self.width_choices.replace(";", ",").strip()
+        if not text or text.lower() == "none":
+            return None
+        try:
+            return sorted({int(float(v)) for v in text.split(",") if v.strip()})
+        except ValueError:
+            raise KTError(f"--width-choices must be whole numbers separated by commas, got {text!r}.") from None
+
+    def validate(self) -> None:
+        super().validate()
+        for name, low in (("depth", 1), ("epochs", 1), ("width", 1)):
+            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if lo < low:
+                raise KTError(f"--{name}-min must be >= {low}, got {lo}.")
+            if lo > hi:
+                raise KTError(f"--{name}-min ({lo}) is larger than --{name}-max ({hi}); swap them.")
+        if self.width_options() is not None and (not self.width_options() or min(self.width_options()) < 1):
+            raise KTError(f"--width-choices must be positive whole numbers, got {self.width_choices!r}.")
+        if not (self.lr_min > 0 and math.isfinite(self.lr_max)):
+            raise KTError(f"--lr-min must be > 0 and --lr-max finite, got {self.lr_min} and {self.lr_max}.")
+        if self.lr_min > self.lr_max:
+            raise KTError(f"--lr-min ({self.lr_min}) is larger than --lr-max ({self.lr_max}); swap them.")
+        if not 0.0 <= self.mask_max < 1.0:
+            raise KTError(f"--mask-max must be in [0, 1) (a mask ratio), got {self.mask_max}.")
+        if not (self.noise_max >= 0 and math.isfinite(self.noise_max)):
+            raise KTError(f"--noise-max must be >= 0 (a standard deviation), got {self.noise_max}.")
+        _check_min(self, "token_mult channel_mult heartbeat_interval n_trials", 1)
+        _check_min(self, "pruner_startup_trials worker max_retry", 0)
+        if self.timeout is not None and not self.timeout > 0:
+            raise KTError(f"--timeout must be > 0 seconds (or empty for no limit), got {self.timeout}.")
+        if self.n_trials is None and self.timeout is None:
+            raise KTError("give --n-trials or --timeout (or both); otherwise this worker would never stop.")
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise KTError(f"--grace-period ({self.grace_period}) must exceed --heartbeat-interval "
+                          f"({self.heartbeat_interval}), or a live trial would count as failed.")
+        self.trial_config({"depth": self.depth_min, "width": (self.width_options() or [self.width_min])[0],
+                           "mask_ratio": 0.0, "noise_std": 0.0, "epochs": self.epochs_min,
+                           "lr": self.lr_min}).validate()
+
+    def trial_config(self, params: Dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of one trial: the fixed settings plus the sampled ``params``."""
+        width = int(params["width"])
+        fixed = {f.name: getattr(self, f.name) for f in fields(ArchOptions) if f.name != "registered_name"}
+        common = {f.name: getattr(self, f.name) for f in fields(DataOptions)}
+        return TrainConfig(**common, **fixed, depth=int(params["depth"]), width=width,
+                           token_hidden=self.token_mult * width, channel_hidden=self.channel_mult * width,
+                           epochs=int(params["epochs"]), lr=float(params["lr"]),
+                           mask_ratio=float(params["mask_ratio"]), noise_std=float(params["noise_std"]))
+
+
+@dataclass
+class MainConfig(DataOptions):
+    """The quickstart: generate -> train -> evaluate, sized to show KT working in a few CPU minutes."""
+
+    output: Optional[str] = option(None, "pair folder (default: derived from the settings, under $KT_HOME/pairs)")
+    family: str = option("paper_mnist", "block family (large block -> small block)")
+    n_pairs: int = option(128, "training pairs")
+    n_val: int = option(16, "held-out validation networks")
+    members: int = option(16, "networks trained at once")
+    gen_epochs: int = option(3, "epochs of each base network and of each small block")
+    recipe: str = option("best", "translation recipe (docs/recipes.md)", tuple(RECIPES))
+    epochs: int = option(100, "translator epochs")
+    batch_size: int = option(16, "translator batch size (pairs per step)")
+    select_holdout: int = option(16, "training pairs held out to pick the kept epoch, so that the evaluation "
+                                     "is on networks nothing was tuned on")
+    registered_name: Optional[str] = option(None, "registered model name (default kt-<family>-<arch>)")
+
+    def generate_config(self) -> GenerateConfig:
+        return GenerateConfig(dataset=self.dataset, data_root=self.data_root, seed=self.seed, device=self.device,
+                              output=self.output, family=self.family, n_pairs=self.n_pairs, n_val=self.n_val,
+                              members=self.members, epochs=self.gen_epochs, small_epochs=self.gen_epochs)
+
+    def train_config(self, pairs: str) -> TrainConfig:
+        return TrainConfig(dataset=self.dataset, data_root=self.data_root, seed=self.seed, device=self.device,
+                           recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size, pairs=pairs,
+                           select_holdout=self.select_holdout, registered_name=self.registered_name)
+
+    def validate(self) -> None:
+        super().validate()
+        self.generate_config().validate()
+        self.train_config("").validate()
+
+
+@dataclass
+class CompressConfig(StepConfig):
+    model: str = option(help="registered name, models:/NAME@alias, or runs:/ID/translator")
+    input: str = option(help="state dict of a trained base network (torch.save or .safetensors)")
+    output: str = option(help="where to write the compressed network's state dict")
+    device: str = option("cpu", "cpu or cuda[:N]")
