@@ -75,3 +75,10 @@ def test_named_parameter_sets_use_real_parameters(path):
     entry = {"generate.yaml": "generate", "train.yaml": "train", "params.yaml": "sweep"}[path.name]
     unknown = set(yaml.safe_load(path.read_text())) - set(ENTRY_POINTS[entry]["parameters"])
     assert not unknown, f"{path.name}: not parameters of {entry}: {sorted(unknown)}"
+
+
+def test_config_knows_every_translator_architecture():
+    from kt_mlflow.config import ARCHS
+    from kt_mlflow.translators import ARCHITECTURES
+
+    assert sorted(ARCHS) == ARCHITECTURES.names()

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ..errors import first_line
+from .models import annotate_version
 
 CHAMPION = "champion"
 SCORE_TAG, VAL_DIGEST_TAG, PAIRS_DIGEST_TAG = "kt.sweep_score", "kt.val_digest", "kt.pairs_digest"
@@ -69,8 +70,7 @@ def register_version(name: str, run_id: str, model_uri: str, tags: Dict[str, str
     if existing:
         return str(min(int(v.version) for v in existing))
     version = str(mlflow.register_model(model_uri, name).version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    annotate_version(name, version, tags)
     return version
 
 

@@ -1,4 +1,4 @@
-"""The KT translator: an MLP-Mixer from large-block tokens to small-block tokens (KT_SPEC.md)."""
+"""The KT translator: an MLP-Mixer from large-block tokens to small-block tokens (arXiv 2401.05772)."""
 from __future__ import annotations
 
 import torch
