@@ -153,7 +153,8 @@ def synthetic_pairs(folder: Path, n_train: int = 4, n_val: int = 2) -> Path:
 
 # The registered markers (setup.cfg) follow from what a test uses, so no test can forget its own.
 _MARK_BY_FIXTURE = {"mnist_root": "mnist", "tracking_server": "server", "pg_url": "postgres"}
-_MARK_BY_MODULE = {"test_native": "native", "test_sweep_workers": "postgres"}
+_MARK_BY_MODULE = {"test_native": "native", "test_sweep_workers": "postgres", "test_data": "mnist",
+                   "test_trainer": "mnist", "test_no_collision": "mnist"}
 
 
 def pytest_collection_modifyitems(items):
