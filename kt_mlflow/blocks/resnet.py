@@ -6,7 +6,7 @@ Each block also knows its own function-preserving symmetries (used by the transl
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +241,3 @@ class KTNetwork(nn.Module):
 
 def stem_out_size(image_size: int) -> int:
     return conv_out_size(image_size, 3, 2, 1)
-
-
-def parameter_count(modules: Sequence[nn.Module]) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
