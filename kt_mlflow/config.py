@@ -12,8 +12,10 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import KTError
@@ -25,6 +27,7 @@ KERNELS = ("auto", "native", "torch")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 DEFAULT_BASELINES = ("random", "identity", "uniform", "l1")
+FAMILY_FILES = (".yaml", ".yml", ".json")
 ARCHS = ("mixer", "mlp", "channel_set")  # the translator registry's names (a test holds them equal)
 
 
@@ -87,7 +90,7 @@ class DataOptions(StepConfig):
 class GenerateConfig(DataOptions):
     output: Optional[str] = option(None, "pair folder (resumed if it exists; default: derived from the settings, "
                                          "under $KT_HOME/pairs)")
-    family: str = option("paper_mnist", "block family (large block -> small block)")
+    family: str = option("paper_mnist", "block family: a registered name or a YAML/JSON family file")
     n_pairs: int = option(32, "training pairs in the whole pair set")
     n_val: int = option(8, "held-out validation networks")
     start_index: int = option(0, "first global pair index of this worker")
@@ -115,8 +118,13 @@ class GenerateConfig(DataOptions):
         """``output``, or the folder these settings own in the data home (same settings, same folder)."""
         if self.output:
             return self.output
-        return str(pairs_folder({**self.settings(), "data_root": self.data_root or "", "n_pairs": self.n_pairs,
-                                 "n_val": self.n_val, "members": self.members}, self.family, self.dataset))
+        settings = {**self.settings(), "data_root": self.data_root or "", "n_pairs": self.n_pairs,
+                    "n_val": self.n_val, "members": self.members}
+        label = self.family
+        if self.family.endswith(FAMILY_FILES):   # a family file: its name and its content make the folder
+            label, path = Path(self.family).stem, Path(self.family).expanduser()
+            settings["family_file"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        return str(pairs_folder(settings, label, self.dataset))
 
     def validate(self) -> None:
         super().validate()
@@ -304,7 +312,7 @@ class MainConfig(DataOptions):
     """The quickstart: generate -> train -> evaluate, sized to show KT working in a few CPU minutes."""
 
     output: Optional[str] = option(None, "pair folder (default: derived from the settings, under $KT_HOME/pairs)")
-    family: str = option("paper_mnist", "block family (large block -> small block)")
+    family: str = option("paper_mnist", "block family: a registered name or a YAML/JSON family file")
     n_pairs: int = option(128, "training pairs")
     n_val: int = option(16, "held-out validation networks")
     members: int = option(16, "networks trained at once")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import KTError
 from ..registry import Registry
+from .family_file import fields_to_spec, looks_like_file, read_spec, spec_to_fields
 from .resnet import BasicBlock, BeginBlock, BottleneckBlock, KTNetwork, LastBlock, stem_out_size
 
 BLOCKS = Registry("block kind")
@@ -140,8 +142,36 @@ _register(BlockFamily("paper_mnist"))
 _register(BlockFamily("wide_mnist", width=8, large_hidden=8, small_hidden=4, last_width=16))
 
 
-def create_family(name: str) -> BlockFamily:
-    return FAMILIES.create(name)
+def create_family(name_or_path: str) -> BlockFamily:
+    """A registered family by name, or the family a YAML/JSON file describes (see ``family_file``)."""
+    if name_or_path in FAMILIES:
+        return FAMILIES.create(name_or_path)
+    if not looks_like_file(str(name_or_path)):
+        raise KTError(f"unknown block family {name_or_path!r}; choose one of: {', '.join(FAMILIES.names())}, "
+                      f"or pass a YAML/JSON family file (docs/usage.md).")
+    path = Path(name_or_path).expanduser()
+    return family_from_spec(read_spec(path), f"family file {path}")
+
+
+def family_spec(family: BlockFamily) -> Dict[str, object]:
+    """The family in the file schema (``family_file``): what pair sets, runs and translators store."""
+    return fields_to_spec(family.config())
+
+
+def family_from_spec(spec: Mapping[str, object], where: str = "family") -> BlockFamily:
+    """The family a spec describes, checked; it needs no registry entry."""
+    return BlockFamily(**spec_to_fields(spec, where, BLOCKS.names()))
+
+
+def family_of(settings: Mapping[str, object]) -> BlockFamily:
+    """The family of a pair set's settings: its stored spec, else (older sets) the registered name."""
+    spec = settings.get("family_spec")
+    return family_from_spec(spec, "the pair set's family") if spec else create_family(str(settings["family"]))
+
+
+def is_registered(family: BlockFamily) -> bool:
+    """True when ``family`` is exactly the registered family of its name."""
+    return family.name in FAMILIES and FAMILIES.create(family.name) == family
 
 
 def family_names() -> List[str]:
@@ -234,7 +264,8 @@ def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
 
 
 __all__ = [
-    "BlockFamily", "KTNetwork", "create_family", "family_names", "stack_states", "unstack_state", "prefixed",
+    "BlockFamily", "KTNetwork", "create_family", "family_names", "family_spec", "family_from_spec", "family_of",
+    "stack_states", "unstack_state", "prefixed",
     "fold_members", "fold_bn", "bn_output_stats",
     "BLOCKS", "FAMILIES",
 ]

@@ -18,12 +18,22 @@ from typing import Dict, List, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from ..blocks import BlockFamily, family_spec, is_registered
 from ..config import GenerateConfig
 from ..errors import KTError
 from .store import check_settings, sidecars, write_manifest, write_shard
 from .workers import ShardTrainer
 
 VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs
+
+
+def pair_settings(cfg: GenerateConfig, family: BlockFamily) -> Dict[str, object]:
+    """The settings every shard records: a family that is not exactly a registered one is stored whole,
+    so the pair set can be read anywhere (and a changed family file cannot resume into it)."""
+    settings = {**cfg.settings(), "family": family.name}
+    if not is_registered(family):
+        settings["family_spec"] = family_spec(family)
+    return settings
 
 
 def pair_seed(seed: int, split: str, index: int) -> int:
@@ -65,7 +75,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
                            cfg.kernels)
     folder = Path(cfg.folder())
     folder.mkdir(parents=True, exist_ok=True)
-    settings = cfg.settings()
+    settings = pair_settings(cfg, trainer.family)
     check_settings(folder, settings)
 
     plan = plan_shards(cfg)

@@ -11,7 +11,7 @@ from ..evaluation.evaluator import EvalSettings, run_comparison
 from ..evaluation.plots import log_evaluation
 from ..tracking.datasets import log_pair_input, resolve_pairs
 from ..tracking.models import load_translator, model_uri
-from ..tracking.runs import step_run
+from ..tracking.runs import log_family, step_run
 
 
 def run_evaluate(cfg: EvaluateConfig, *, experiment: Optional[str] = None,
@@ -26,6 +26,7 @@ def run_evaluate(cfg: EvaluateConfig, *, experiment: Optional[str] = None,
     params = {**cfg.as_params(), "pairs": pairs, "model_uri": model_uri(cfg.model)}
     with step_run("evaluate", params, run_name=f"evaluate {cfg.model}", nested=nested, experiment=experiment,
                   family=translator.family.name) as run:
+        log_family(translator.family)
         log_pair_input(resolve_pairs(pairs), pairs, "evaluation")
         df = run_comparison(translator, settings)
         logged = log_evaluation(df)

@@ -9,9 +9,10 @@ from typing import Optional, Tuple
 
 import mlflow
 
+from ..blocks import create_family
 from ..config import EvaluateConfig, MainConfig, TrainConfig
 from ..tracking.models import default_name
-from ..tracking.runs import find_finished_run, step_run, ui_url
+from ..tracking.runs import find_finished_run, log_family, step_run, ui_url
 from .evaluate import run_evaluate
 from .generate import run_generate
 from .train import run_train
@@ -33,14 +34,16 @@ def run_main(cfg: MainConfig, *, experiment: Optional[str] = None, nested: bool 
     """Run (or reuse) each step; returns the parent run id."""
     cfg.validate()
     gen = cfg.generate_config()
-    with step_run("main", cfg.as_params(), run_name=f"main {cfg.family} {cfg.recipe}", nested=nested,
-                  experiment=experiment, family=cfg.family) as parent:
+    family = create_family(cfg.family)
+    with step_run("main", cfg.as_params(), run_name=f"main {family.name} {cfg.recipe}", nested=nested,
+                  experiment=experiment, family=family.name) as parent:
+        log_family(family)
         exp_id = parent.info.experiment_id
         previous = find_finished_run("generate", gen.as_params(), exp_id)
         gen_id = previous.info.run_id if previous else run_generate(gen, nested=True)
         if previous:
             print(f"main: reusing generate run {gen_id} (same parameters)")
-        train_id, name, version = _train_step(cfg.train_config(gen_id), cfg.family, exp_id)
+        train_id, name, version = _train_step(cfg.train_config(gen_id), family.name, exp_id)
         model = f"models:/{name}/{version}"
         evaluation = EvaluateConfig(dataset=cfg.dataset, data_root=cfg.data_root, seed=cfg.seed, device=cfg.device,
                                     model=model, pairs=gen_id)

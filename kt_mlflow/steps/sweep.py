@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import mlflow
 import optuna
 
-from ..blocks import create_family
+from ..blocks import family_of
 from ..config import SweepConfig, default_pairs
 from ..data import load_dataset
 from ..device import pick_device
@@ -35,7 +35,7 @@ from ..sweep.trial import TrialRunner
 from ..tracking import champion
 from ..tracking.datasets import load_pair_splits, log_pair_input
 from ..tracking.models import default_name, load_translator
-from ..tracking.runs import flat_params, step_run
+from ..tracking.runs import flat_params, log_family, step_run
 
 
 def _rescorer(family, val, data, device) -> Callable[[str], float]:
@@ -91,7 +91,7 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     db = st.open_storage(storage, cfg.heartbeat_interval, cfg.grace_period, cfg.max_retry)
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
     folder, train, val = load_pair_splits(pairs, cfg.dataset)
-    family = create_family(train.settings["family"])
+    family = family_of(train.settings)
     data = load_dataset(cfg.dataset, cfg.data_root)
     device = pick_device(cfg.device)
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
@@ -106,6 +106,7 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
         mlflow.set_tags({"kt.study": cfg.study_name, "kt.worker": f"{socket.gethostname()}:{os.getpid()}",
                          "kt.storage": st.redact(storage), champion.VAL_DIGEST_TAG: val_digest,
                          champion.PAIRS_DIGEST_TAG: pairs_digest})
+        log_family(family)
         _log_input_retrying(lambda: log_pair_input(folder, pairs, "training"))
         print(f"sweep: worker {cfg.worker} joins study {cfg.study_name!r} at {st.redact(storage)} "
               f"({len(study.get_trials(deepcopy=False))} trials so far; device {device}; "

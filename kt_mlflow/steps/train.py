@@ -5,12 +5,12 @@ from typing import Optional, Tuple
 
 import mlflow
 
-from ..blocks import create_family
+from ..blocks import family_of
 from ..config import TrainConfig, default_pairs
 from ..data import load_dataset
 from ..tracking.datasets import load_pair_splits, log_pair_input
 from ..tracking.models import CANDIDATE, default_name, log_translator
-from ..tracking.runs import step_run
+from ..tracking.runs import log_family, step_run
 from ..training.train import train_translator
 
 
@@ -20,7 +20,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     cfg.validate()
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
     folder, train, val = load_pair_splits(pairs, cfg.dataset)
-    family = create_family(train.settings["family"])
+    family = family_of(train.settings)
     data = load_dataset(cfg.dataset, cfg.data_root)
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     params = {**cfg.as_params(), "pairs": pairs, "registered_name": name, "family": family.name,
@@ -28,6 +28,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     run_name = f"translator {cfg.resolved_arch} {cfg.recipe}"
     with step_run("train", params, run_name=run_name, nested=nested, experiment=experiment,
                   family=family.name) as run:
+        log_family(family)
         log_pair_input(folder, pairs, "training")
         result = train_translator(cfg, family, train, val, data,
                                   on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch))

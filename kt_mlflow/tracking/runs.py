@@ -174,3 +174,13 @@ def find_finished_run(step: str, params: Mapping[str, Any], experiment_id: str) 
         if all(got.get(k + RESOLVED, got.get(k)) == v for k, v in wanted.items()):
             return run
     return None
+
+
+def log_family(family) -> None:
+    """The family of the active run, whole: ``family.yaml`` and the ``family_digest`` param."""
+    from ..blocks import family_spec
+    from ..blocks.family_file import spec_digest
+
+    spec = family_spec(family)
+    mlflow.log_dict(spec, "family.yaml")
+    mlflow.log_param("family_digest", spec_digest(spec))

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..blocks import BlockFamily, KTNetwork, create_family, prefixed
+from ..blocks import BlockFamily, KTNetwork, create_family, family_from_spec, prefixed
+from ..blocks.family_file import fields_to_spec
 from ..errors import KTError
 from ..io import atomic_write, atomic_write_json
 from . import rescale, tokens
@@ -122,7 +123,9 @@ class Translator:
             weights = load_file(str(folder / "translator.safetensors"), device=device)
         except (OSError, ValueError) as e:
             raise KTError(f"{folder} does not hold a saved translator ({e}); save one with Translator.save.") from None
-        tr = cls(create_family(config["family"]), config["arch"], config["arch_kwargs"], config["bn_aware"],
+        family = (family_from_spec(fields_to_spec(config["family_config"]), f"{folder}/translator.json")
+                  if "family_config" in config else create_family(config["family"]))
+        tr = cls(family, config["arch"], config["arch_kwargs"], config["bn_aware"],
                  rescale=config.get("rescale", False), bn_stats=config.get("bn_stats", False))
         tr.net.load_state_dict(weights)
         tr.net.to(device).eval()
