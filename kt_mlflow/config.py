@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import KTError
+from .family_file import looks_like_file
 from .paths import pairs_folder
 from .recipes import RECIPES, get_recipe
 
@@ -27,7 +28,6 @@ KERNELS = ("auto", "native", "torch")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 DEFAULT_BASELINES = ("random", "identity", "uniform", "l1")
-FAMILY_FILES = (".yaml", ".yml", ".json")
 ARCHS = ("mixer", "mlp", "channel_set")  # the translator registry's names (a test holds them equal)
 
 
@@ -121,7 +121,7 @@ class GenerateConfig(DataOptions):
         settings = {**self.settings(), "data_root": self.data_root or "", "n_pairs": self.n_pairs,
                     "n_val": self.n_val, "members": self.members}
         label = self.family
-        if self.family.endswith(FAMILY_FILES):   # a family file: its name and its content make the folder
+        if looks_like_file(self.family):   # a family file: its name and its content make the folder
             label, path = Path(self.family).stem, Path(self.family).expanduser()
             settings["family_file"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
         return str(pairs_folder(settings, label, self.dataset))

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from kt_mlflow.blocks import create_family, family_from_spec, family_of, family_spec
-from kt_mlflow.blocks.family_file import spec_digest
 from kt_mlflow.errors import KTError
+from kt_mlflow.family_file import spec_digest
 
 NARROW = {"name": "narrow8", "input": {"channels": 1, "image_size": 28, "classes": 10},
           "begin": {"width": 8, "kernel": 3}, "large": {"kind": "basic", "hidden": 8},

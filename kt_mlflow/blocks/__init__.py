@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import KTError
+from ..family_file import fields_to_spec, looks_like_file, read_spec, spec_to_fields
 from ..registry import Registry
-from .family_file import fields_to_spec, looks_like_file, read_spec, spec_to_fields
 from .resnet import BasicBlock, BeginBlock, BottleneckBlock, KTNetwork, LastBlock, stem_out_size
 
 BLOCKS = Registry("block kind")

@@ -104,13 +104,7 @@ def log_translator(translator: Translator, example_large: Dict[str, torch.Tensor
 def describe_version(tags: Dict[str, str]) -> str:
     """The model-version description (Markdown) the UI shows, from the version's ``kt.*`` tags."""
     family = tags.get("kt.family", "?")
-    try:
-        from ..blocks import create_family
-
-        fam = create_family(family)
-        blocks = f"large block `{fam.large}` -> small block `{fam.small}`"
-    except Exception:  # an unknown family still gets a description
-        blocks = "large block -> small block"
+    blocks = f"large block `{tags.get('kt.large', '?')}` -> small block `{tags.get('kt.small', '?')}`"
     lines = [f"Knowledge Translation translator for `{family}` networks ({blocks}): it maps the weights of a "
              f"trained large block to the weights of the small block that replaces it, without retraining.", ""]
     for label, key in (("recipe", "kt.recipe"), ("architecture", "kt.arch"), ("sweep study", "kt.study"),

@@ -10,6 +10,8 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from ..blocks import family_spec
+from ..family_file import spec_digest
 from .context import KTRunContextProvider
 
 STEP_TAG = "kt.step"
@@ -178,9 +180,6 @@ def find_finished_run(step: str, params: Mapping[str, Any], experiment_id: str) 
 
 def log_family(family) -> None:
     """The family of the active run, whole: ``family.yaml`` and the ``family_digest`` param."""
-    from ..blocks import family_spec
-    from ..blocks.family_file import spec_digest
-
     spec = family_spec(family)
     mlflow.log_dict(spec, "family.yaml")
     mlflow.log_param("family_digest", spec_digest(spec))

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..blocks import BlockFamily, KTNetwork, create_family, family_from_spec, prefixed
-from ..blocks.family_file import fields_to_spec
 from ..errors import KTError
+from ..family_file import fields_to_spec
 from ..io import atomic_write, atomic_write_json
 from . import rescale, tokens
 
@@ -64,7 +64,8 @@ class Translator:
 
     def config_tags(self) -> Dict[str, str]:
         """The config as flat strings (registry tags, searchable in the UI)."""
-        return {"kt.family": self.family.name, "kt.arch": self.arch, "kt.bn_aware": str(self.bn_aware),
+        return {"kt.family": self.family.name, "kt.large": self.family.large, "kt.small": self.family.small,
+                "kt.arch": self.arch, "kt.bn_aware": str(self.bn_aware),
                 "kt.rescale": str(self.rescale), "kt.bn_stats": str(self.bn_stats),
                 **{f"kt.arch.{k}": str(v) for k, v in self.arch_kwargs.items()}}
 
@@ -99,7 +100,10 @@ class Translator:
 
     def compress(self, network: nn.Module) -> KTNetwork:
         """A trained base network (begin + large + last) -> the same network with the small block."""
-        state = network.state_dict()
+        return self.compress_state(network.state_dict())
+
+    def compress_state(self, state: Mapping[str, torch.Tensor]) -> KTNetwork:
+        """A trained base network's state dict -> the compressed network (checked first, one-line errors)."""
         self.family.check_network_state(state)
         compressed = self.family.compressed_network()
         compressed.begin.load_state_dict(prefixed(state, "begin"))

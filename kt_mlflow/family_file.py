@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
 
-from ..errors import KTError
+from .errors import KTError
 
 # section -> {key: BlockFamily field}
 SCHEMA: Dict[str, Dict[str, str]] = {
