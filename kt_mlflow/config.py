@@ -29,6 +29,7 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 DEFAULT_BASELINES = ("random", "identity", "uniform", "l1")
 ARCHS = ("mixer", "mlp", "channel_set")  # the translator registry's names (a test holds them equal)
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")  # what kt_mlflow.data reads
 
 
 def option(default: Any = MISSING, help: str = "", choices: Optional[tuple] = None) -> Any:
@@ -80,8 +81,12 @@ class PairSchedule:
 class DataOptions(StepConfig):
     """Parameters that mean the same in every step."""
 
-    dataset: str = option("mnist", "images: mnist (the bundled 10,000 real test images unless --data-root) or digits")
-    data_root: Optional[str] = option(None, "folder with the MNIST IDX files (downloaded there when missing)")
+    dataset: str = option("mnist", "images: mnist (the bundled 10,000 real test images unless --data-root), digits, "
+                                   "fashion_mnist, cifar10 or imagefolder (these three read --data-root)", DATASETS)
+    data_root: Optional[str] = option(None, "folder with the dataset's files in torchvision's layout (downloaded "
+                                            "there when empty), or class folders of images for imagefolder")
+    colour: bool = option(False, "give each grayscale image random foreground and background colours (MNIST digits "
+                                 "in colour, for RGB families such as rgb32)")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu or cuda[:N]")
 
@@ -112,7 +117,8 @@ class GenerateConfig(DataOptions):
 
     def settings(self) -> Dict[str, Any]:
         """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
-        return {"family": self.family, "dataset": self.dataset, "seed": self.seed, **self.schedule.as_params()}
+        colour = {"colour": True} if self.colour else {}  # absent when off: earlier pair sets keep their digests
+        return {"family": self.family, "dataset": self.dataset, **colour, "seed": self.seed, **self.schedule.as_params()}
 
     def folder(self) -> str:
         """``output``, or the folder these settings own in the data home (same settings, same folder)."""
@@ -325,13 +331,13 @@ class MainConfig(DataOptions):
     registered_name: Optional[str] = option(None, "registered model name (default kt-<family>-<arch>)")
 
     def generate_config(self) -> GenerateConfig:
-        return GenerateConfig(dataset=self.dataset, data_root=self.data_root, seed=self.seed, device=self.device,
-                              output=self.output, family=self.family, n_pairs=self.n_pairs, n_val=self.n_val,
+        return GenerateConfig(dataset=self.dataset, data_root=self.data_root, colour=self.colour, seed=self.seed,
+                              device=self.device, output=self.output, family=self.family, n_pairs=self.n_pairs, n_val=self.n_val,
                               members=self.members, epochs=self.gen_epochs, small_epochs=self.gen_epochs)
 
     def train_config(self, pairs: str) -> TrainConfig:
-        return TrainConfig(dataset=self.dataset, data_root=self.data_root, seed=self.seed, device=self.device,
-                           recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size, pairs=pairs,
+        return TrainConfig(dataset=self.dataset, data_root=self.data_root, colour=self.colour, seed=self.seed,
+                           device=self.device, recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size, pairs=pairs,
                            select_holdout=self.select_holdout, registered_name=self.registered_name)
 
     def validate(self) -> None:

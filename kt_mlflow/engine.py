@@ -95,7 +95,7 @@ def train_members(
     labels = torch.cat([y, y]) if schedule.flip else y
     # A training begin block takes its BN statistics from per-image patch moments (exact, and it keeps
     # BN off the largest activation): tabulate them once, sum the batch's rows each step.
-    table = net.begin.patch_moments(images) if net.begin.training else None
+    table = net.begin.patch_moments(images) if net.begin.training and hasattr(net.begin, "patch_moments") else None
     positions = images.shape[-2] * images.shape[-1]
     with _KeepHeap():
         for epoch in range(epochs):

@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kt_mlflow.blocks import KTNetwork, create_family, prefixed, stack_states
+from kt_mlflow.blocks import KTNetwork, create_family, fold_bn, prefixed, stack_states
 from kt_mlflow.data import load_dataset
 from kt_mlflow.engine import network_accuracy
 from kt_mlflow.errors import KTError
 from kt_mlflow.evaluation.baselines import (
     BASELINES,
-    fold_bn,
     identity,
     l1_selection,
     make_baseline,
@@ -76,7 +75,7 @@ def test_fold_bn_matches_conv_then_bn():
     """BN(conv(x)) == conv(x; folded w) + shift, with shift = beta - mean * gamma / sqrt(var + eps)."""
     fam = create_family("paper_mnist")
     large = stacked_large(fam, 2, seed=1)
-    folded = fold_bn(fam, large)
+    folded = fold_bn(fam, large)[0]
     x = torch.randn(5, fam.width, 14, 14)
     for p in range(2):
         w = large["conv1.weight"][p]
@@ -139,7 +138,7 @@ def test_l1_selection_keeps_largest_folded_filters_consistently():
     large["conv1.weight"][0, 0] = 1000.0
     large["bn1.weight"][0, 0] = 1e-4
     out = l1_selection(fam, large)
-    folded = fold_bn(fam, large)
+    folded = fold_bn(fam, large)[0]
     for p, keep in enumerate([[1, 3, 5], [0, 2, 4]]):
         torch.testing.assert_close(out["conv1.weight"][p], folded["conv1.weight"][p, keep])
         torch.testing.assert_close(out["conv2.weight"][p], folded["conv2.weight"][p][:, keep])

@@ -1,11 +1,13 @@
 import gzip
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-import kt_mlflow.data as kt_data
+import kt_mlflow.data.idx as kt_idx
+import kt_mlflow.data.mnist_sets as kt_mnist
 from kt_mlflow.data import BUNDLED_MNIST, BUNDLED_SHA256, load_dataset, read_idx
 from kt_mlflow.errors import KTError
 
@@ -74,7 +76,7 @@ def test_a_tampered_bundled_file_is_refused_by_its_sha256(tmp_path, monkeypatch,
         path.write_bytes(bytes(raw))
     else:
         path.unlink()
-    monkeypatch.setattr(kt_data, "BUNDLED_MNIST", folder)
+    monkeypatch.setattr(kt_mnist, "BUNDLED_MNIST", folder)
     load_dataset.cache_clear()
     with pytest.raises(KTError, match="t10k-images-idx3-ubyte.gz .*reinstall kt-mlflow") as e:
         load_dataset("mnist")
@@ -101,8 +103,8 @@ class ReadSpy:
 
 def test_a_bad_idx_header_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
     spies = []
-    opener = kt_data._open_idx
-    monkeypatch.setattr(kt_data, "_open_idx", lambda p: spies.append(ReadSpy(opener(p))) or spies[-1])
+    opener = kt_idx._open_idx
+    monkeypatch.setattr(kt_idx, "_open_idx", lambda p: spies.append(ReadSpy(opener(p))) or spies[-1])
     short = tmp_path / "short-images-idx3-ubyte"
     short.write_bytes(b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + b"\x00\x1c")  # 3 dims promised, 1.5 given
     with pytest.raises(KTError, match="truncated IDX header"):
@@ -124,7 +126,7 @@ class FakeMNIST:
 
     def __init__(self, root, train, download):
         assert download
-        raw = copy_bundled(kt_data.Path(root) / "MNIST" / "raw")
+        raw = copy_bundled(Path(root) / "MNIST" / "raw")
         for name in BUNDLED_SHA256:
             shutil.copy(raw / name, raw / name.replace("t10k", "train"))
 

@@ -130,7 +130,8 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     assert run.data.params["workers"] == "1" and run.data.metrics["workers"] == 1
     assert run.data.params["kernels"] == "torch" and run.data.metrics["native_kernels"] == 0
     assert run.data.metrics["pairs_made"] == 3 and run.data.metrics["pairs_per_min"] > 0
-    (inp,) = run.inputs.dataset_inputs
+    images, inp = sorted(run.inputs.dataset_inputs, key=lambda i: i.dataset.source_type == "kt_pairs")
+    assert images.dataset.name == "digits" and json.loads(images.dataset.profile)["train_images"] == 1437
     manifest = json.loads((out / "manifest.json").read_text())
     assert inp.dataset.digest == manifest["digest"] and inp.dataset.source_type == "kt_pairs"
     assert run.data.tags["kt.version"] == "0.1.0"  # run-context-provider plugin

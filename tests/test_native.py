@@ -1,11 +1,13 @@
 """The native CPU convolutions (members interleaved) compute what grouped convolutions compute."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kt_mlflow.blocks import create_family, native
+from kt_mlflow.blocks import create_family, native, stack_states
 from kt_mlflow.blocks.layers import set_interleaved
 from kt_mlflow.blocks.native import deinterleave, interleave, member_conv2d, use_native
 from kt_mlflow.errors import KTError
@@ -168,3 +170,28 @@ def test_an_unwritable_cache_is_reported(monkeypatch, tmp_path, caplog):
     finally:
         native.library.cache_clear()
     assert "KT_CACHE_DIR" in caplog.text
+
+
+FAMILY_FILES = Path(__file__).resolve().parents[1] / "projects" / "families"
+
+
+@pytest.mark.parametrize("family", [str(FAMILY_FILES / "kernel5.yaml"), str(FAMILY_FILES / "prune_basic.yaml"), "rgb32"],
+                         ids=["kernel5", "prune_basic", "rgb32"])
+def test_native_kernels_compute_the_new_conv_families(family):
+    """Interleaved members through the native kernels == grouped convolutions (float64, training step)."""
+    assert native.available(), "the native kernels did not build: is a C++ compiler (g++) installed?"
+    fam, k = create_family(family), 3
+    torch.manual_seed(2)
+    state = stack_states([fam.init_pair(s)[0] for s in range(k)])
+    nets = []
+    for on in (False, True):
+        net = set_interleaved(fam.base_network(k).double(), on).train()
+        net.load_state_dict(state)
+        nets.append(net.to(memory_format=torch.channels_last))
+    x = torch.randn(4, k, fam.in_channels, fam.image_size, fam.image_size, dtype=torch.float64)
+    outs = [net(net.stack_input(x)) for net in nets]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    for out in outs:
+        out.sin().sum().backward()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-8, msg=name)

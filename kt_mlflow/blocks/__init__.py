@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -25,13 +25,17 @@ from torch import nn
 from ..errors import KTError
 from ..family_file import fields_to_spec, looks_like_file, read_spec, spec_to_fields
 from ..registry import Registry
+from .kind import TwoLayerBlock
+from .mlp import MLPBlock, PatchBegin, PoolLast
 from .resnet import BasicBlock, BeginBlock, BottleneckBlock, KTNetwork, LastBlock, stem_out_size
 
 BLOCKS = Registry("block kind")
 FAMILIES = Registry("block family")
 
-BLOCKS.register("basic")(lambda f, members: BasicBlock(f.width, f.large_hidden, f.kernel, members))
-BLOCKS.register("bottleneck")(lambda f, members: BottleneckBlock(f.width, f.small_hidden, f.kernel, members))
+# Every kind is built from (width, hidden, kernel, norm, members); each reads what it needs.
+BLOCKS.register("basic")(lambda width, hidden, kernel, norm, members: BasicBlock(width, hidden, kernel, members))
+BLOCKS.register("bottleneck")(lambda width, hidden, kernel, norm, members: BottleneckBlock(width, hidden, kernel, members))
+BLOCKS.register("mlp")(lambda width, hidden, kernel, norm, members: MLPBlock(width, hidden, norm, members))
 
 State = Dict[str, torch.Tensor]
 
@@ -51,29 +55,57 @@ class BlockFamily:
     kernel: int = 3
     large: str = "basic"
     small: str = "bottleneck"
+    begin_kind: str = "conv"      # or "patch": a patch embedding (``patch`` x ``patch``)
+    patch: int = 4
+    large_kernel: int = 0         # 0: ``kernel``
+    small_kernel: int = 0
+    large_norm: bool = True       # an mlp block's pre-LayerNorm
+    small_norm: bool = True
+    last_kind: str = "conv"       # or "pool": LayerNorm, mean over positions, linear
 
     def config(self) -> Dict[str, object]:
         return dataclasses.asdict(self)
 
+    @property
+    def grid(self) -> int:
+        """The side of the begin block's output: the positions every block works on."""
+        return self.image_size // self.patch if self.begin_kind == "patch" else stem_out_size(self.image_size)
+
+    @property
+    def native_kernels(self) -> bool:
+        """Whether generation can use the native member-interleaved convolutions ('same' convs only)."""
+        return self.begin_kind == "conv"
+
     # -- modules -------------------------------------------------------------------------------
     def begin(self, members: int = 1) -> nn.Module:
+        if self.begin_kind == "patch":
+            return PatchBegin(self.in_channels, self.width, self.patch, self.image_size, members)
         return BeginBlock(self.in_channels, self.width, self.kernel, members)
 
-    def large_block(self, members: int = 1) -> nn.Module:
-        return BLOCKS.create(self.large, f=self, members=members)
+    def large_block(self, members: int = 1) -> TwoLayerBlock:
+        return self.block("large", members)
 
-    def small_block(self, members: int = 1) -> nn.Module:
-        return BLOCKS.create(self.small, f=self, members=members)
+    def small_block(self, members: int = 1) -> TwoLayerBlock:
+        return self.block("small", members)
 
-    def block(self, which: str, members: int = 1) -> nn.Module:
+    def block(self, which: str, members: int = 1) -> TwoLayerBlock:
         """The ``'large'`` or ``'small'`` block by name."""
         if which not in ("large", "small"):
             raise KTError(f"block {which!r} is neither 'large' nor 'small'.")
-        return self.large_block(members) if which == "large" else self.small_block(members)
+        large = which == "large"
+        return BLOCKS.create(self.large if large else self.small, width=self.width,
+                             hidden=self.large_hidden if large else self.small_hidden,
+                             kernel=(self.large_kernel if large else self.small_kernel) or self.kernel,
+                             norm=self.large_norm if large else self.small_norm, members=members)
+
+    def prototype(self, which: str) -> TwoLayerBlock:
+        """A one-member ``which`` block to read shapes and constants from (built once, global RNG untouched)."""
+        return _prototype(self, which)
 
     def last(self, members: int = 1) -> nn.Module:
-        spatial = stem_out_size(self.image_size)
-        return LastBlock(self.width, self.last_width, spatial, self.num_classes, members)
+        if self.last_kind == "pool":
+            return PoolLast(self.width, self.num_classes, members)
+        return LastBlock(self.width, self.last_width, self.grid, self.num_classes, members)
 
     def base_network(self, members: int = 1) -> KTNetwork:
         return KTNetwork(self.begin(members), self.large_block(members), self.last(members), members)
@@ -90,17 +122,17 @@ class BlockFamily:
 
     # -- the translator's view -----------------------------------------------------------------
     def weight_shapes(self, which: str) -> Dict[str, Tuple[int, ...]]:
-        """Shapes of the conv weights a translator reads (``which='large'``) or writes (``'small'``)."""
-        block = self.block(which)
+        """Shapes of the weights a translator reads (``which='large'``) or writes (``'small'``)."""
+        block = self.prototype(which)
         state = block.state_dict()
-        return {k: tuple(state[k].shape) for k in type(block).conv_bn}
+        return {k: tuple(state[k].shape) for k in block.layers}
 
     def bn_of(self, which: str) -> Mapping[str, object]:
-        return type(self.block(which)).conv_bn
+        return self.prototype(which).layers
 
     def check_block_state(self, state: Mapping[str, torch.Tensor], which: str) -> None:
         """One-line errors for a state dict that is not this family's ``which`` block."""
-        block = self.block(which)
+        block = self.prototype(which)
         check_state(state, {k: tuple(v.shape) for k, v in block.state_dict().items()}, f"a {self.name} {which} block",
                     "translate a trained, finite block of this family", extra_ok=True)
 
@@ -140,6 +172,8 @@ def _register(family: BlockFamily) -> None:
 _register(BlockFamily("paper_mnist"))
 # A wider pair with the same structure, to keep code honest about shapes.
 _register(BlockFamily("wide_mnist", width=8, large_hidden=8, small_hidden=4, last_width=16))
+# RGB 32x32 input (CIFAR-10, or MNIST digits in colour), the paper's pair of block kinds.
+_register(BlockFamily("rgb32", in_channels=3, image_size=32, width=8, large_hidden=8, small_hidden=4, last_width=16))
 
 
 def create_family(name_or_path: str) -> BlockFamily:
@@ -203,58 +237,34 @@ def fold_members(stacked: Mapping[str, torch.Tensor], index=slice(None)) -> Stat
 
 
 def fold_bn(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> Tuple[State, State]:
-    """Each large-block conv with its following BN folded in: (scaled weights, per-channel shifts).
-
-    ``BN(conv(x)) = conv(x; w * s) + t`` with ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``;
-    tensors carry a leading ``(P,)`` network axis. A conv without BN gets ``s = 1, t = 0``.
-    """
-    eps = _bn_eps(family)
-    weights, shifts = {}, {}
-    for key, bn in family.bn_of("large").items():
-        _check_bn_keys(family, large, key, bn)
-        w = large[key]
-        if bn is None:
-            weights[key], shifts[key] = w, torch.zeros(w.shape[:2], dtype=w.dtype, device=w.device)
-            continue
-        scale = large[f"{bn}.weight"] / torch.sqrt(large[f"{bn}.running_var"] + eps[bn])  # (P, o)
-        weights[key] = w * scale[..., None, None, None]
-        shifts[key] = large[f"{bn}.bias"] - large[f"{bn}.running_mean"] * scale
-    return weights, shifts
+    """The large blocks as two affine maps: (weights, per-channel shifts), BN or bias folded in
+    (``TwoLayerBlock.fold``); tensors carry a leading ``(P,)`` network axis."""
+    return family.prototype("large").fold(large)
 
 
 def bn_output_stats(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> State:
-    """Per large-block conv, the mean and standard deviation of each output channel after its BN on the
+    """Per large-block layer, the mean and standard deviation of each output channel after its BN on the
     data the network was trained on, ``(P, o, 2)``: ``beta`` and ``|gamma| * sqrt(var / (var + eps))``.
     Data-free (they are BN's parameters and statistics), and they say how each channel is distributed,
-    e.g. how often a hidden unit is on. A conv without BN gets zeros."""
-    eps = _bn_eps(family)
+    e.g. how often a hidden unit is on. A layer without BN gets zeros."""
+    block = family.prototype("large")
     out = {}
-    for key, bn in family.bn_of("large").items():
-        _check_bn_keys(family, large, key, bn)
+    for key, bn in block.layers.items():
+        block._check_keys(large, key, bn)
         w = large[key]
         if bn is None:
             out[key] = torch.zeros(*w.shape[:2], 2, dtype=w.dtype, device=w.device)
             continue
         var = large[f"{bn}.running_var"]
-        std = large[f"{bn}.weight"].abs() * torch.sqrt(var / (var + eps[bn]))
+        std = large[f"{bn}.weight"].abs() * torch.sqrt(var / (var + getattr(block, bn).eps))
         out[key] = torch.stack([large[f"{bn}.bias"], std], -1)
     return out
 
 
-def _check_bn_keys(family: BlockFamily, large: Mapping[str, torch.Tensor], key: str, bn: Optional[str]) -> None:
-    needed = [key] + ([] if bn is None else [f"{bn}.{n}" for n in ("weight", "bias", "running_mean", "running_var")])
-    missing = [k for k in needed if k not in large]
-    if missing:
-        raise KTError(f"large-block state lacks {', '.join(missing)}; pass the whole {family.name} large block "
-                      f"(BN statistics included), e.g. pairs.part('large').")
-
-
 @functools.lru_cache(maxsize=None)
-def _bn_eps(family: BlockFamily) -> Dict[str, float]:
-    """The large block's BN epsilons (the module is built without touching the global RNG)."""
+def _prototype(family: BlockFamily, which: str) -> TwoLayerBlock:
     with torch.random.fork_rng(devices=[]):
-        block = family.large_block()
-    return {bn: getattr(block, bn).eps for bn in family.bn_of("large").values() if bn is not None}
+        return family.block(which).requires_grad_(False)
 
 
 def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> State:
@@ -273,14 +283,14 @@ __all__ = [
 
 def flatten_block(family: BlockFamily, which: str, stacked: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Stacked block state ``(P, ...)`` -> ``(P, N)``: its floating tensors in state-dict order."""
-    block = family.block(which)
+    block = family.prototype(which)
     keys = [k for k, v in block.state_dict().items() if v.is_floating_point()]
     return torch.cat([stacked[k].reshape(stacked[k].shape[0], -1).float() for k in keys], dim=1)
 
 
 def unflatten_block(family: BlockFamily, which: str, flat: torch.Tensor) -> State:
     """``(P, N)`` -> stacked block state (floating tensors only); the inverse of ``flatten_block``."""
-    block = family.block(which)
+    block = family.prototype(which)
     shapes = [(k, v.shape) for k, v in block.state_dict().items() if v.is_floating_point()]
     n = sum(s.numel() for _, s in shapes)
     if flat.dim() != 2 or flat.shape[1] != n:

@@ -24,7 +24,7 @@ from .native import member_conv2d, member_order, stacked_order
 
 
 class StackedConv2d(nn.Conv2d):
-    """``members`` bias-free 'same' convolutions: grouped (member major) or native (interleaved)."""
+    """``members`` convolutions: grouped (member major) or native (interleaved; 'same' padding only)."""
 
     interleaved = False
 
@@ -35,8 +35,9 @@ class StackedConv2d(nn.Conv2d):
         """This layer's convolution with another ``weight`` (e.g. BN-scaled) and/or ``stride``."""
         stride = self.stride[0] if stride is None else stride
         if self.interleaved:
-            return member_conv2d(x, weight, self.groups, stride)
-        return F.conv2d(x, weight, None, stride, self.padding, groups=self.groups)
+            y = member_conv2d(x, weight, self.groups, stride)
+            return y if self.bias is None else y + member_order(self.bias, self.groups)[:, None, None]
+        return F.conv2d(x, weight, self.bias, stride, self.padding, groups=self.groups)
 
 
 class StackedBatchNorm2d(nn.BatchNorm2d):

@@ -129,12 +129,16 @@ def available() -> bool:
     return library() is not None
 
 
-def use_native(kernels: str, device: torch.device) -> bool:
+def use_native(kernels: str, device: torch.device, family: str = "", supported: bool = True) -> bool:
     """Resolve a ``--kernels`` choice: ``native`` (interleaved members, this module's kernels),
-    ``torch`` (grouped convolutions) or ``auto`` (native on a CPU where they build)."""
+    ``torch`` (grouped convolutions) or ``auto`` (native on a CPU where they build and the family's
+    layers are all 'same' convolutions, ``supported``)."""
     if kernels not in KERNELS:
         raise KTError(f"unknown --kernels {kernels!r}; use one of {', '.join(KERNELS)}.")
-    if kernels == "torch" or (kernels == "auto" and device.type != "cpu"):
+    if kernels == "native" and not supported:
+        raise KTError(f"--kernels native runs the conv families' 'same' convolutions; family {family} has other "
+                      f"layers: use --kernels torch (or auto).")
+    if kernels == "torch" or not supported or (kernels == "auto" and device.type != "cpu"):
         return False
     if device.type != "cpu":
         raise KTError(f"--kernels native runs on a CPU; on {device} use --kernels torch (or auto).")

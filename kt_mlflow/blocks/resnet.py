@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kind import TwoLayerBlock
 from .layers import StackedBatchNorm2d, StackedLinear, conv, conv_out_size
 from .native import member_conv2d_max_pool
 
@@ -38,6 +39,11 @@ class BeginBlock(nn.Module):
             # and the pooling picks the same element), with the ReLU on a 4x smaller tensor.
             return F.relu(F.max_pool2d(self.bn(self.conv(x)), 3, stride=2, padding=1), inplace=True)
         return F.relu(self.preactivation(x, moments), inplace=True)
+
+    @staticmethod
+    def activate(pre: torch.Tensor) -> torch.Tensor:
+        """``preactivation`` -> the block's output."""
+        return F.relu(pre)
 
     def preactivation(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """max-pool(BN(conv(x))) before the ReLU, BN folded (running statistics in eval mode, the
@@ -101,12 +107,11 @@ def relu_leaky_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
     return F.relu(x) + (leak - leak.detach())
 
 
-class BasicBlock(nn.Module):
-    """ReLU(BN(conv(ReLU(BN(conv(x))))) + x): the large block."""
+class BasicBlock(TwoLayerBlock):
+    """ReLU(BN(conv(ReLU(BN(conv(x))))) + x): the paper's large block, and a pruned small one."""
 
-    # Which BN (if any) follows each conv weight: the translator's view of the block.
-    conv_bn = {"conv1.weight": "bn1", "conv2.weight": "bn2"}
-    takes_stride = True  # forward(x, stride): see KTNetwork.forward
+    layers = {"conv1.weight": "bn1", "conv2.weight": "bn2"}
+    holds_shifts = True
 
     def __init__(self, width: int, hidden: int, kernel: int, members: int = 1) -> None:
         super().__init__()
@@ -125,33 +130,11 @@ class BasicBlock(nn.Module):
             y = self.bn2(self.conv2(out, stride))  # a "same" conv at stride s: conv(x)[::s, ::s]
         return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
 
-    @staticmethod
-    def permute_hidden(state: Dict[str, torch.Tensor], perm: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Reorder hidden channels (conv1 outputs, bn1, conv2 inputs): the block's function is unchanged.
 
-        ``state`` tensors may carry leading batch axes; ``perm`` is ``(..., hidden)`` matching them.
-        """
-        out = dict(state)
-        lead = perm.dim() - 1
+class BottleneckBlock(TwoLayerBlock):
+    """ReLU(conv(ReLU(conv(x))) + x) with a narrow hidden width and no BN: the paper's small block."""
 
-        def take(t: torch.Tensor, axis: int) -> torch.Tensor:
-            shape = [1] * t.dim()
-            shape[: lead] = perm.shape[:-1]
-            shape[axis] = perm.shape[-1]
-            return torch.take_along_dim(t, perm.reshape(shape), dim=axis)
-
-        out["conv1.weight"] = take(state["conv1.weight"], lead)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            out[f"bn1.{name}"] = take(state[f"bn1.{name}"], lead)
-        out["conv2.weight"] = take(state["conv2.weight"], lead + 1)
-        return out
-
-
-class BottleneckBlock(nn.Module):
-    """ReLU(conv(ReLU(conv(x))) + x) with a narrow hidden width and no BN: the small block."""
-
-    conv_bn = {"conv1.weight": None, "conv2.weight": None}
-    takes_stride = True
+    layers = {"conv1.weight": None, "conv2.weight": None}
 
     def __init__(self, width: int, hidden: int, kernel: int, members: int = 1) -> None:
         super().__init__()

@@ -9,8 +9,11 @@ the keys and shapes of ``family.small_block().state_dict()``.
 - ``uniform``: weight selection (Xu et al., ICLR 2024), evenly spaced indices per shrunk dimension.
 - ``l1``: magnitude channel selection (Li et al., 2017), hidden channels with the largest L1 norm.
 
-The two selections fold each BN into the conv before it first (``w * gamma / sqrt(var + eps)``). The
-BN shift ``beta - mean * gamma / sqrt(var + eps)`` is dropped: the small block has no bias to hold it.
+The two selections read each large block as its two affine maps (``TwoLayerBlock.fold``: BN or
+bias folded in, ``w * gamma / sqrt(var + eps)`` and ``beta - mean * gamma / sqrt(var + eps)``) and
+write the kept part the same way: the shifts are kept where the small block holds them (BN or
+biases: ``basic``, ``mlp``) and dropped where it has none (``bottleneck``). A kernel of another size
+is cut (or zero-padded) around its centre.
 
 Example:
     >>> from kt_mlflow.blocks import create_family
@@ -22,12 +25,11 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from ..blocks import BlockFamily
-from ..blocks import fold_bn as fold_bn_weights
+from ..blocks import BlockFamily, fold_bn
 from ..errors import KTError
 from ..registry import Registry
 
@@ -42,28 +44,28 @@ def _networks(large: Mapping[str, torch.Tensor]) -> int:
     return next(iter(large.values())).shape[0]
 
 
-def _small_shapes(family: BlockFamily) -> Dict[str, torch.Size]:
-    """Shapes of every small-block tensor; only conv weights can be derived from a large block."""
-    shapes = {k: v.shape for k, v in family.small_block().state_dict().items()}
-    extra = sorted(set(shapes) - set(family.weight_shapes("small")))
-    if extra:
-        raise KTError(
-            f"family {family.name}'s small block has parameters besides conv weights ({', '.join(extra)}); "
-            f"the data-free baselines only fill conv weights: use 'random' for it."
-        )
-    return shapes
-
-
 def _conv_chain(family: BlockFamily) -> List[str]:
-    """The conv weights of the small block in forward order; each must exist in the large block."""
+    """The weight layers of the small block in forward order; each must exist in the large block."""
     small, large = list(family.weight_shapes("small")), family.weight_shapes("large")
     missing = [k for k in small if k not in large]
     if missing:
         raise KTError(
             f"family {family.name}: small-block weights {', '.join(missing)} have no large-block counterpart; "
-            f"selection baselines need matching conv names."
+            f"selection baselines need matching layer names."
         )
     return small
+
+
+def _fit_kernel(w: torch.Tensor, size: Tuple[int, ...]) -> torch.Tensor:
+    """``(P, o, i, k, k)`` -> ``(P, o, i, *size)``: cut around the centre, or zero-padded around it."""
+    for axis, want in zip((3, 4), size):
+        have = w.shape[axis]
+        if have > want:
+            w = w.narrow(axis, (have - want) // 2, want)
+        elif have < want:
+            pad = [0, 0] * (w.dim() - 1 - axis) + [(want - have) // 2, (want - have) // 2]
+            w = torch.nn.functional.pad(w, pad)
+    return w
 
 
 def random_init(family: BlockFamily, n: int, seed: int = 0) -> State:
@@ -82,9 +84,9 @@ def random_init(family: BlockFamily, n: int, seed: int = 0) -> State:
 
 
 def identity(family: BlockFamily, n: int) -> State:
-    """``n`` small blocks with all-zero weights: ReLU(conv2(ReLU(conv1 x)) + x) = ReLU(x) = x.
+    """``n`` small blocks with all-zero weights and shifts: ReLU(0 + x) = x for a conv block, x + 0 for mlp.
 
-    The block's input comes after a ReLU (and max-pool), so it is non-negative and the zero block is
+    A conv block's input comes after a ReLU (and max-pool), so it is non-negative and the zero block is
     exactly "large block removed".
 
     Example:
@@ -93,19 +95,9 @@ def identity(family: BlockFamily, n: int) -> State:
     """
     if n < 1:
         raise KTError(f"identity needs n >= 1 networks, got {n}.")
-    return {k: torch.zeros(n, *shape) for k, shape in _small_shapes(family).items()}
-
-
-def fold_bn(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> State:
-    """The large block's conv weights with the following BN's scale folded in, ``(P, out, in, k, k)``.
-
-    ``w' = w * gamma / sqrt(running_var + eps)`` per output channel; the BN shift is not kept.
-
-    Example:
-        >>> fold_bn(fam, pairs.part("large"))["conv1.weight"].shape  # doctest: +SKIP
-        torch.Size([8, 6, 6, 3, 3])
-    """
-    return fold_bn_weights(family, large)[0]
+    shapes = family.weight_shapes("small")
+    block = family.prototype("small")
+    return block.unfold({k: torch.zeros(n, *s) for k, s in shapes.items()}, {k: torch.zeros(n, s[0]) for k, s in shapes.items()})
 
 
 def uniform_indices(large_size: int, small_size: int) -> torch.Tensor:
@@ -123,58 +115,62 @@ def uniform_indices(large_size: int, small_size: int) -> torch.Tensor:
 
 
 def uniform_selection(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> State:
-    """Weight selection: evenly spaced indices along every shrunk dimension of the BN-folded weights.
+    """Weight selection: evenly spaced indices along every shrunk channel dimension of the folded layers.
 
-    The same (large, small) size always gives the same indices, so a hidden channel kept among conv1's
-    outputs is also kept among conv2's inputs.
+    The same (large, small) size always gives the same indices, so a hidden channel kept among layer 1's
+    outputs (with its shift) is also kept among layer 2's inputs.
 
     Example:
         >>> uniform_selection(fam, pairs.part("large"))["conv2.weight"].shape  # doctest: +SKIP
         torch.Size([8, 6, 3, 3, 3])
     """
-    shapes = _small_shapes(family)
-    folded = fold_bn(family, large)
-    out: State = {}
+    shapes = family.weight_shapes("small")
+    weights, shifts = fold_bn(family, large)
+    out_w, out_t = {}, {}
     for key in _conv_chain(family):
-        w = folded[key]
-        for dim, size in enumerate(shapes[key]):
-            if w.shape[dim + 1] != size:
-                w = w.index_select(dim + 1, uniform_indices(w.shape[dim + 1], size).to(w.device))
-        out[key] = w.contiguous()
-    return out
+        w, t = weights[key], shifts[key]
+        for dim in (0, 1):
+            if w.shape[dim + 1] != shapes[key][dim]:
+                keep = uniform_indices(w.shape[dim + 1], shapes[key][dim]).to(w.device)
+                w = w.index_select(dim + 1, keep)
+                t = t.index_select(1, keep) if dim == 0 else t
+        out_w[key], out_t[key] = _fit_kernel(w, shapes[key][2:]).contiguous(), t.contiguous()
+    return family.prototype("small").unfold(out_w, out_t)
 
 
 def l1_selection(family: BlockFamily, large: Mapping[str, torch.Tensor]) -> State:
-    """Magnitude channel selection: keep the hidden channels whose BN-folded filters have the largest L1 norm.
+    """Magnitude channel selection: keep the hidden channels whose folded filters have the largest L1 norm.
 
-    For consecutive convs ``a -> b``, channel j of a's outputs is kept by the L1 norm of a's (folded)
-    filter j, and the same channels are kept among b's inputs. Kept channels stay in their original
-    order. Only hidden (inner) channel counts may shrink; no fine-tuning.
+    For layers ``a -> b``, channel j of a's outputs is kept by the L1 norm of a's (folded) filter j, and
+    the same channels are kept among b's inputs (and a's shift j with it). Kept channels stay in their
+    original order. Only hidden (inner) channel counts may shrink; no fine-tuning.
 
     Example:
         >>> l1_selection(fam, pairs.part("large"))["conv1.weight"].shape  # doctest: +SKIP
         torch.Size([8, 3, 6, 3, 3])
     """
-    shapes = _small_shapes(family)
-    folded = fold_bn(family, large)
+    shapes = family.weight_shapes("small")
+    weights, shifts = fold_bn(family, large)
     chain = _conv_chain(family)
     for i, key in enumerate(chain):
-        fixed = ([0] if i == len(chain) - 1 else []) + ([1] if i == 0 else []) + list(range(2, len(shapes[key])))
-        bad = [d for d in fixed if folded[key].shape[d + 1] != shapes[key][d]]
+        fixed = ([0] if i == len(chain) - 1 else []) + ([1] if i == 0 else [])
+        bad = [d for d in fixed if weights[key].shape[d + 1] != shapes[key][d]]
         if bad:
             raise KTError(
                 f"l1 selection only shrinks hidden channels, but {key} also differs in dims {bad}; "
                 f"use 'uniform' for family {family.name}."
             )
-    out = {k: folded[k] for k in chain}
+    w = {k: _fit_kernel(weights[k], shapes[k][2:]) for k in chain}
+    t = {k: shifts[k] for k in chain}
     for key, nxt in zip(chain, chain[1:]):
         h = shapes[key][0]
-        if out[key].shape[1] == h:
+        if w[key].shape[1] == h:
             continue
-        keep = out[key].abs().flatten(2).sum(-1).topk(h, dim=-1).indices.sort(dim=-1).values  # (P, h)
-        out[key] = torch.take_along_dim(out[key], keep[:, :, None, None, None], dim=1)
-        out[nxt] = torch.take_along_dim(out[nxt], keep[:, None, :, None, None], dim=2)
-    return {k: v.contiguous() for k, v in out.items()}
+        keep = w[key].abs().flatten(2).sum(-1).topk(h, dim=-1).indices.sort(dim=-1).values  # (P, h)
+        w[key] = torch.take_along_dim(w[key], keep[:, :, None, None, None], dim=1)
+        t[key] = torch.take_along_dim(t[key], keep, dim=1)
+        w[nxt] = torch.take_along_dim(w[nxt], keep[:, None, :, None, None], dim=2)
+    return family.prototype("small").unfold({k: v.contiguous() for k, v in w.items()}, t)
 
 
 BASELINES.register("random")(lambda family, large, seed=0: random_init(family, _networks(large), seed))
@@ -194,6 +190,6 @@ def make_baseline(name: str, family: BlockFamily, large: Mapping[str, torch.Tens
 
 
 __all__ = [
-    "BASELINES", "random_init", "identity", "fold_bn", "uniform_indices", "uniform_selection", "l1_selection",
+    "BASELINES", "random_init", "identity", "uniform_indices", "uniform_selection", "l1_selection",
     "make_baseline",
 ]

@@ -41,7 +41,7 @@ from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 from mlflow.tracking.artifact_utils import get_artifact_uri
 
 from ..config import DEFAULT_BASELINES
-from ..data import load_dataset
+from ..data import load_for
 from ..device import pick_device
 from ..errors import KTError
 from ..pairs.store import load_split
@@ -50,7 +50,7 @@ from .compare import compare_methods
 from .plots import KT_METHOD, log_evaluation
 
 MODEL_TYPE = "knowledge_translation"
-CONFIG_KEYS = ("pairs", "split", "dataset", "data_root", "baselines", "seed", "device", "metric_prefix", "model_uri")
+CONFIG_KEYS = ("pairs", "split", "dataset", "data_root", "colour", "baselines", "seed", "device", "metric_prefix", "model_uri")
 DATA_KEYS = ("pairs", "split", "dataset", "data_root")
 
 
@@ -69,6 +69,7 @@ class EvalSettings:
     split: str = "val"
     dataset: Optional[str] = None
     data_root: Optional[str] = None
+    colour: bool = False
     baselines: List[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     seed: int = 0
     device: str = "auto"
@@ -139,7 +140,7 @@ def translate_pairs(translator: Any, large: Mapping[str, torch.Tensor]) -> Dict[
 
 def run_comparison(translator: Any, settings: EvalSettings) -> pd.DataFrame:
     """Translate the pairs' large blocks and compare with the baselines and references, per network."""
-    from ..tracking.datasets import resolve_pairs
+    from ..tracking.datasets import log_image_input, resolve_pairs
 
     family = translator.family
     val = load_split(resolve_pairs(str(settings.pairs)), settings.split)
@@ -149,7 +150,10 @@ def run_comparison(translator: Any, settings: EvalSettings) -> pd.DataFrame:
             f"the translator is for family {family.name} but the pairs are {pair_family}; "
             f"evaluate on pairs generated with --family {family.name}."
         )
-    data = load_dataset(settings.dataset or str(val.settings.get("dataset", "digits")), settings.data_root)
+    data = load_for(family, settings.dataset or str(val.settings.get("dataset", "digits")), settings.data_root,
+                    settings.colour, val.settings)
+    if mlflow.active_run() is not None:
+        log_image_input(data, str(val.settings.get("dataset")), settings.data_root, "evaluation")
     large = val.part("large")
     methods = {name: make_baseline(name, family, large, seed=int(settings.seed)) for name in settings.baselines}
     methods[KT_METHOD] = translate_pairs(translator, large)

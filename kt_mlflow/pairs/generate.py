@@ -72,7 +72,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     cfg.validate()
     # Data, device and workers first: bad input is reported before anything is written.
     trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.schedule, cfg.device, cfg.workers,
-                           cfg.kernels)
+                           cfg.kernels, cfg.colour)
     folder = Path(cfg.folder())
     folder.mkdir(parents=True, exist_ok=True)
     settings = pair_settings(cfg, trainer.family)

@@ -31,7 +31,7 @@ def train_pairs(
     ``kernels``: see ``blocks.native.use_native`` (the same networks either way, other float rounding).
     """
     k = len(seeds)
-    native = use_native(kernels, device)
+    native = use_native(kernels, device, family.name, family.native_kernels)
     inits = [family.init_pair(s) for s in seeds]
     x, y = data.train_x.to(device), data.train_y.to(device)
     tx, ty = data.test_x.to(device), data.test_y.to(device)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..blocks import create_family
 from ..blocks.native import use_native
 from ..config import PairSchedule
-from ..data import load_dataset
+from ..data import load_for
 from ..device import cpu_cores, pick_device
 from ..errors import KTError
 from .make import train_pairs
@@ -58,15 +58,16 @@ class ShardTrainer:
     """
 
     def __init__(self, family: str, dataset: str, data_root: Optional[str], schedule: PairSchedule,
-                 device: str = "auto", workers: int = 0, kernels: str = "auto") -> None:
+                 device: str = "auto", workers: int = 0, kernels: str = "auto", colour: bool = False) -> None:
         self.device = pick_device(device)
         self.workers = resolve_workers(workers, self.device)
         # Resolved (and the native kernels built) here, once, before any worker starts.
-        self.native = use_native(kernels, self.device)
+        self.family = create_family(family)
+        self.native = use_native(kernels, self.device, self.family.name, self.family.native_kernels)
         self.kernels = "native" if self.native else "torch"
         self.bar: Optional[tqdm] = None
         # Loaded here even for worker processes: a bad data folder is reported before anything starts.
-        self.family, self.data, self.schedule = create_family(family), load_dataset(dataset, data_root), schedule
+        self.data, self.schedule = load_for(self.family, dataset, data_root, colour), schedule
         self.pool: Optional[ProcessPoolExecutor] = None
         if self.workers > 1:
             ctx = mp.get_context("spawn")  # a fresh interpreter: no OpenMP or MKL state copied by fork
@@ -74,7 +75,8 @@ class ShardTrainer:
             threads = max(1, cpu_cores() // self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_start_worker,
-                initargs=(family, dataset, data_root, schedule, self.kernels, threads, self.progress, os.getpid()),
+                initargs=(family, dataset, data_root, colour, schedule, self.kernels, threads, self.progress,
+                          os.getpid()),
             )
 
     def run(self, shards: Mapping[Hashable, Sequence[int]],
@@ -147,15 +149,16 @@ class _QueueBar:
 _WORKER: Dict[str, object] = {}
 
 
-def _start_worker(family: str, dataset: str, data_root: Optional[str], schedule: PairSchedule, kernels: str,
-                  threads: int, progress, parent: int) -> None:
+def _start_worker(family: str, dataset: str, data_root: Optional[str], colour: bool, schedule: PairSchedule,
+                  kernels: str, threads: int, progress, parent: int) -> None:
     if sys.platform.startswith("linux"):
         # Die with the parent: a killed generate run must not leave workers training on its cores.
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
     torch.set_num_threads(threads)
-    _WORKER.update(family=create_family(family), data=load_dataset(dataset, data_root), schedule=schedule,
+    fam = create_family(family)
+    _WORKER.update(family=fam, data=load_for(fam, dataset, data_root, colour), schedule=schedule,
                    kernels=kernels, progress=progress)
 
 

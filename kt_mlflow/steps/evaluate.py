@@ -19,7 +19,7 @@ def run_evaluate(cfg: EvaluateConfig, *, experiment: Optional[str] = None,
     """Evaluate translator ``cfg.model`` on the validation networks of ``cfg.pairs``; returns (run id, summary)."""
     cfg.validate()
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
-    settings = EvalSettings(pairs=pairs, dataset=cfg.dataset, data_root=cfg.data_root,
+    settings = EvalSettings(pairs=pairs, dataset=cfg.dataset, data_root=cfg.data_root, colour=cfg.colour,
                             baselines=cfg.baseline_names, seed=cfg.seed, device=cfg.device)
     settings.check_baselines()
     translator = load_translator(cfg.model)

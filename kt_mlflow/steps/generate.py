@@ -8,20 +8,23 @@ import mlflow
 
 from ..blocks import create_family
 from ..config import GenerateConfig
+from ..data import load_for
 from ..pairs.generate import generate_pairs
-from ..tracking.datasets import PAIRS_ARTIFACT, PairDataset, PairShardSource
+from ..tracking.datasets import PAIRS_ARTIFACT, PairDataset, PairShardSource, log_image_input
 from ..tracking.runs import log_family, step_run
 
 
 def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, nested: bool = False) -> str:
     """Generate (or resume) pairs inside an MLflow run; returns the run id."""
     cfg.validate()
-    family = create_family(cfg.family)   # a bad family file is reported before the run opens
+    family = create_family(cfg.family)   # a bad family file or data folder is reported before the run opens
+    data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour)
     folder = cfg.folder()
     name = f"pairs {family.name} {cfg.n_pairs}+{cfg.n_val}"
     with step_run("generate", cfg.as_params(), run_name=name, nested=nested, experiment=experiment,
                   family=family.name) as run:
         log_family(family)
+        log_image_input(data, cfg.dataset, cfg.data_root, "training")
 
         def on_shard(made: int, seconds: float, records) -> None:
             mlflow.log_metrics({"pairs_made": made, "pairs_per_min": 60.0 * made / max(seconds, 1e-9)}, step=made)

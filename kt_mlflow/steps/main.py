@@ -45,8 +45,8 @@ def run_main(cfg: MainConfig, *, experiment: Optional[str] = None, nested: bool 
             print(f"main: reusing generate run {gen_id} (same parameters)")
         train_id, name, version = _train_step(cfg.train_config(gen_id), family.name, exp_id)
         model = f"models:/{name}/{version}"
-        evaluation = EvaluateConfig(dataset=cfg.dataset, data_root=cfg.data_root, seed=cfg.seed, device=cfg.device,
-                                    model=model, pairs=gen_id)
+        evaluation = EvaluateConfig(dataset=cfg.dataset, data_root=cfg.data_root, colour=cfg.colour, seed=cfg.seed,
+                                    device=cfg.device, model=model, pairs=gen_id)
         previous = find_finished_run("evaluate", evaluation.as_params(), exp_id)
         if previous:
             print(f"main: reusing evaluate run {previous.info.run_id}")

@@ -23,7 +23,7 @@ import optuna
 
 from ..blocks import family_of
 from ..config import SweepConfig, default_pairs
-from ..data import load_dataset
+from ..data import load_for
 from ..device import pick_device
 from ..engine import network_accuracy
 from ..errors import KTError, first_line
@@ -92,7 +92,7 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
     folder, train, val = load_pair_splits(pairs, cfg.dataset)
     family = family_of(train.settings)
-    data = load_dataset(cfg.dataset, cfg.data_root)
+    data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour, train.settings)
     device = pick_device(cfg.device)
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     val_digest, pairs_digest = st.val_digest(folder, cfg.dataset), folder_digest(folder)

@@ -7,8 +7,8 @@ import mlflow
 
 from ..blocks import family_of
 from ..config import TrainConfig, default_pairs
-from ..data import load_dataset
-from ..tracking.datasets import load_pair_splits, log_pair_input
+from ..data import load_for
+from ..tracking.datasets import load_pair_splits, log_image_input, log_pair_input
 from ..tracking.models import CANDIDATE, default_name, log_translator
 from ..tracking.runs import log_family, step_run
 from ..training.train import train_translator
@@ -21,7 +21,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
     folder, train, val = load_pair_splits(pairs, cfg.dataset)
     family = family_of(train.settings)
-    data = load_dataset(cfg.dataset, cfg.data_root)
+    data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour, train.settings)
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     params = {**cfg.as_params(), "pairs": pairs, "registered_name": name, "family": family.name,
               "n_train_pairs": len(train), "n_val": len(val)}
@@ -30,6 +30,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
                   family=family.name) as run:
         log_family(family)
         log_pair_input(folder, pairs, "training")
+        log_image_input(data, cfg.dataset, cfg.data_root, "task")
         result = train_translator(cfg, family, train, val, data,
                                   on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch))
         mlflow.log_metrics({f"best_{k}": v for k, v in result.best.items()})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -137,6 +138,47 @@ def ui_schema(schema: Schema) -> Dict[str, Any]:
         rows.append({"name": spec.get("name"), "type": f"{tensor.get('dtype', spec.get('type'))} {shape} per pair",
                      "tensor-spec": tensor})
     return {"mlflow_colspec": rows}
+
+
+class ImageDataset(Dataset):
+    """The images a step trained or measured networks on (``kt_mlflow.data.ImageData``), by digest."""
+
+    def __init__(self, data, source: str) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        self.data = data
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(source)
+        super().__init__(source=resolved, name=data.name, digest=data.digest)
+
+    def _compute_digest(self) -> str:
+        return self.data.digest
+
+    def to_dict(self) -> Dict[str, str]:
+        base = super().to_dict()
+        base.update({"schema": json.dumps(ui_schema(self.schema)), "profile": json.dumps(self.profile)})
+        return base
+
+    @property
+    def profile(self) -> Dict[str, Any]:
+        d = self.data
+        return {"train_images": len(d.train_x), "test_images": len(d.test_x),
+                "classes": int(max(d.train_y.max(), d.test_y.max())) + 1, "image": list(d.train_x.shape[1:])}
+
+    @property
+    def schema(self) -> Schema:
+        return Schema([TensorSpec(np.dtype("float32"), (-1, *self.data.train_x.shape[1:]), "image"),
+                       TensorSpec(np.dtype("int64"), (-1,), "label")])
+
+
+def log_image_input(data, dataset: str, data_root: Optional[str], context: str) -> None:
+    """Log the images ``data`` (loaded from ``dataset``/``data_root``) as a run input."""
+    from ..data import BUNDLED_MNIST
+
+    where = str(Path(data_root).expanduser().resolve()) if data_root else \
+        str(BUNDLED_MNIST) if dataset == "mnist" else f"kt_mlflow:{dataset}"
+    mlflow.log_input(ImageDataset(data, where), context=context)
 
 
 def log_pair_input(folder: Path, spec: str, context: str) -> None:

@@ -39,7 +39,7 @@ class TaskLoss:
         self.stride = family.last().stride
         # Keep the feature banks within ~4 GB: fewer images per pair when there are many pairs (2,000
         # pairs of the paper's family still get 360 images each).
-        side = data.train_x.shape[-1] // 2  # begin-block output (pre-ReLU bank), then block output (strided)
+        side = family.grid  # begin-block output (pre-activation bank), then block output (strided)
         per_image = 4 * family.width * (side ** 2 + (-(-side // self.stride)) ** 2)
         bank = max(16, min(bank, (4 << 30) // max(1, len(train) * per_image)))
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
@@ -57,11 +57,12 @@ class TaskLoss:
                 net = family.base_network(k).to(device).eval()
                 for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
                     getattr(net, part).load_state_dict(fold_members({a: b.to(device) for a, b in train.part(name).items()}, sl))
-                pre = net.begin.preactivation(x.expand(-1, k, -1, -1))                  # (m, k*C, H, W)
-                out = net.block(F.relu(pre), stride=self.stride)
+                pre = net.begin.preactivation(net.stack_input(x[:, None].expand(-1, k, -1, -1, -1)))  # (m, k*C, H, W)
+                out = net.block(net.begin.activate(pre), stride=self.stride)
                 teacher.append(net.last(out, subsampled=True).view(m, k, -1).transpose(0, 1))  # (k, m, classes)
                 pres.append(per_pair(pre, k))
                 outs.append(per_pair(out, k))
+        self.activate = type(net.begin).activate  # the begin block's output from its pre-activation
         self.pre, self.outs, self.teacher = torch.cat(pres), torch.cat(outs), torch.cat(teacher)
         self.pre_std = self.pre.transpose(1, 2).flatten(2).std(-1)                      # (P, C)
         self.out_scale = float(self.outs.pow(2).mean().clamp_min(1e-12))
@@ -105,7 +106,7 @@ class TaskLoss:
             last = perturb_params(last, self.context, gen)
             if large is None:
                 large = {a: b[idx] for a, b in self.large.items()}
-        net, feats, last = self._net(k), members(F.relu(pre)), fold_members(last)
+        net, feats, last = self._net(k), members(self.activate(pre)), fold_members(last)
         out = functional_call(net.block, fold_members(small), (feats,), {"stride": self.stride})
         student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:

@@ -25,7 +25,7 @@ from ..engine import network_accuracy
 from ..errors import KTError
 from ..pairs.store import PairSet
 from ..recipes import get_recipe
-from ..translators import Translator, create_translator, rescale, tokens
+from ..translators import Translator, create_translator, tokens
 from .augment import augment_pair
 from .task_loss import TaskLoss, perturb_params
 
@@ -52,18 +52,17 @@ def _canonical(family: BlockFamily, small: State) -> State:
 
 
 def _permuted(family: BlockFamily, large: State, gen: torch.Generator) -> State:
-    block = type(family.large_block())
-    if not hasattr(block, "permute_hidden"):
-        raise KTError(f"recipe needs hidden-channel permutations, but block {family.large!r} defines none.")
-    p = next(iter(large.values())).shape[0]
-    perm = torch.rand(p, family.large_hidden, generator=gen, device="cpu").argsort(-1).to(large["conv1.weight"].device)
-    return block.permute_hidden(large, perm)
+    """Each large block with its hidden channels in a random order (the same function)."""
+    ref = next(iter(large.values()))
+    perm = torch.rand(ref.shape[0], family.large_hidden, generator=gen, device="cpu").argsort(-1).to(ref.device)
+    return family.prototype("large").permute_hidden(large, perm)
 
 
 def param_loss(family: BlockFamily, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the small block's weight tensors of each tensor's MSE (the paper's loss)."""
-    p, t = tokens.decode_target(family, pred), tokens.decode_target(family, target)
-    return torch.stack([F.mse_loss(p[k], t[k]) for k in p]).mean()
+    """Mean over the small block's weight (and shift) tensors of each tensor's MSE (the paper's loss)."""
+    (pw, ps), (tw, ts) = tokens.decode_target(family, pred), tokens.decode_target(family, target)
+    pairs = [(pw[k], tw[k]) for k in pw] + ([(ps[k], ts[k]) for k in ps] if ps is not None else [])
+    return torch.stack([F.mse_loss(a, b) for a, b in pairs]).mean()
 
 
 def split_holdout(train: PairSet, val: PairSet, holdout: int) -> Tuple[PairSet, PairSet]:
@@ -99,9 +98,7 @@ class TranslatorFit:
 
     def targets(self, rows: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Target tokens of pairs ``rows``, in the coordinates the translator writes in."""
-        sm = {k: v[rows] for k, v in self.small.items()}
-        keys = tokens.layout(self.family, "small").keys
-        return tokens.encode_target(self.family, sm if scale is None else rescale.small_to_rescaled(sm, keys, scale))
+        return tokens.encode_target(self.family, {k: v[rows] for k, v in self.small.items()}, scale)
 
     def _standardize(self) -> None:
         net = self.net

@@ -19,7 +19,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -69,19 +69,23 @@ def rescale_large(w1: torch.Tensor, t1: torch.Tensor, w2: torch.Tensor, t2: torc
     return w1, t1 * b, w2, t2 * a
 
 
-def small_to_original(small: State, keys: Tuple[str, str], a: torch.Tensor) -> State:
+def small_to_original(weights: State, shifts: Optional[State], keys: Tuple[str, str],
+                      a: torch.Tensor) -> Tuple[State, Optional[State]]:
     """A small block written in rescaled residual coordinates -> the same function on the original ones.
 
-    In rescaled coordinates the block computes ``f'(x') `` with ``x' = a * x``; on ``x`` the network
-    needs ``f(x) = f'(a * x) / a``: conv1's inputs times ``a``, conv2's outputs over ``a``.
+    In rescaled coordinates the block computes ``f'(x')`` with ``x' = a * x``; on ``x`` the network
+    needs ``f(x) = f'(a * x) / a``: layer 1's inputs times ``a``, layer 2's outputs (and shift) over ``a``.
     """
     k1, k2 = keys
-    out = dict(small)
-    out[k1] = small[k1] * a[:, None, :, None, None]
-    out[k2] = small[k2] / a[:, :, None, None, None]
-    return out
+    w = dict(weights)
+    w[k1] = weights[k1] * a[:, None, :, None, None]
+    w[k2] = weights[k2] / a[:, :, None, None, None]
+    if shifts is None:
+        return w, None
+    return w, {**shifts, k2: shifts[k2] / a}
 
 
-def small_to_rescaled(small: State, keys: Tuple[str, str], a: torch.Tensor) -> State:
+def small_to_rescaled(weights: State, shifts: Optional[State], keys: Tuple[str, str],
+                      a: torch.Tensor) -> Tuple[State, Optional[State]]:
     """The inverse of ``small_to_original`` (e.g. to regress targets in rescaled coordinates)."""
-    return small_to_original(small, keys, 1.0 / a)
+    return small_to_original(weights, shifts, keys, 1.0 / a)

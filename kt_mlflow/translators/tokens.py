@@ -47,7 +47,10 @@ def layout(family: BlockFamily, which: str, bn_aware: bool = False, bn_stats: bo
     if len(kernels) != 1:
         raise KTError(f"family {family.name}: {which} block convs have different kernel sizes {kernels}; "
                       f"tokens need one kernel size per block.")
-    extra = (1 + 2 * bn_stats) if bn_aware and which == "large" else 0
+    if which == "large":
+        extra = (1 + 2 * bn_stats) if bn_aware else 0
+    else:  # a small block that holds shifts (BN, biases) gets them written too
+        extra = int(family.prototype("small").holds_shifts)
     return TokenLayout(tuple(shapes), tuple(shapes.values()), extra=extra)
 
 
@@ -102,18 +105,34 @@ def _source_tokens(family: BlockFamily, weights: State, features: State) -> torc
     return torch.cat(parts, dim=1)
 
 
-def encode_target(family: BlockFamily, small: State) -> torch.Tensor:
-    """Stacked small blocks -> tokens ``(P, T_out, k*k)``."""
+def encode_target(family: BlockFamily, small: State, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stacked small blocks -> tokens ``(P, T_out, k*k [+ 1])``: their folded weights, and where the block
+    holds shifts, each output channel's shift on every token of that channel. ``scales``: written in
+    the balanced coordinates of ``encode_rescaled``."""
     lay = layout(family, "small")
-    return torch.cat([small[k].reshape(small[k].shape[0], -1, lay.kernel_numel) for k in lay.keys], dim=1)
+    weights, shifts = family.prototype("small").fold(small)
+    if scales is not None:
+        weights, shifts = rescale.small_to_rescaled(weights, shifts, lay.keys, scales)
+    parts = []
+    for k in lay.keys:
+        p, o, i = weights[k].shape[:3]
+        tok = weights[k].reshape(p, o * i, lay.kernel_numel)
+        if lay.extra:
+            tok = torch.cat([tok, shifts[k][:, :, None, None].expand(p, o, i, 1).reshape(p, o * i, 1)], -1)
+        parts.append(tok)
+    return torch.cat(parts, dim=1)
 
 
-def decode_target(family: BlockFamily, tokens: torch.Tensor) -> State:
-    """Tokens ``(P, T_out, k*k)`` -> stacked small-block conv weights."""
+def decode_target(family: BlockFamily, tokens: torch.Tensor) -> Tuple[State, Optional[State]]:
+    """Tokens ``(P, T_out, D_out)`` -> folded small-block (weights, shifts); shifts are None when the block
+    holds none, else each channel's mean over its tokens."""
     lay = layout(family, "small")
-    out, start = {}, 0
+    weights, shifts, start = {}, {}, 0
     for key, shape in zip(lay.keys, lay.shapes):
         n = shape[0] * shape[1]
-        out[key] = tokens[:, start: start + n].reshape(tokens.shape[0], *shape)
+        part = tokens[:, start: start + n]
+        weights[key] = part[..., : lay.kernel_numel].reshape(tokens.shape[0], *shape)
+        if lay.extra:
+            shifts[key] = part[..., lay.kernel_numel].reshape(tokens.shape[0], shape[0], shape[1]).mean(-1)
         start += n
-    return out
+    return weights, (shifts if lay.extra else None)

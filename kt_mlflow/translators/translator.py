@@ -45,10 +45,6 @@ class Translator:
         self.family, self.arch, self.arch_kwargs, self.bn_aware = family, arch, dict(arch_kwargs), bn_aware
         self.rescale, self.bn_stats = rescale, bn_stats
         src, dst = tokens.layout(family, "large", bn_aware, bn_stats), tokens.layout(family, "small")
-        small_keys = set(family.small_block().state_dict())
-        if small_keys != set(dst.keys):
-            raise KTError(f"family {family.name}: the small block has parameters {sorted(small_keys - set(dst.keys))} "
-                          f"that are not conv weights; a translator can only write conv weights.")
         self.net = net or TranslatorNet(
             ARCHITECTURES.create(arch, in_tokens=src.tokens, in_dim=src.dim, out_tokens=dst.tokens, out_dim=dst.dim,
                                  src_shapes=src.shapes, dst_shapes=dst.shapes, **self.arch_kwargs), src.dim, dst.dim)
@@ -80,10 +76,10 @@ class Translator:
 
     def decode(self, out: torch.Tensor, scales: Optional[torch.Tensor]) -> State:
         """The net's output tokens -> stacked small-block weights for the original networks."""
-        small = tokens.decode_target(self.family, out)
-        if scales is None:
-            return small
-        return rescale.small_to_original(small, tokens.layout(self.family, "small").keys, scales)
+        weights, shifts = tokens.decode_target(self.family, out)
+        if scales is not None:
+            weights, shifts = rescale.small_to_original(weights, shifts, tokens.layout(self.family, "small").keys, scales)
+        return self.family.prototype("small").unfold(weights, shifts)
 
     @torch.no_grad()
     def translate_batch(self, large: Mapping[str, torch.Tensor]) -> State:
