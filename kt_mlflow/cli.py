@@ -45,7 +45,8 @@ STEPS: Dict[str, Step] = {
                  "kt main"),
     "compress": Step(CompressConfig, "steps.compress:run_compress",
                      "compress a saved base network with a registered translator (data-free)",
-                     "kt compress --model kt-paper_mnist-channel_set --input net.pt --output small.pt", tracked=False),
+                     "kt compress --model kt-paper_mnist-channel_set --input model.pt --block layer1.0 --output small.pt",
+                     tracked=False),
 }
 
 

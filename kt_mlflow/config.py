@@ -349,6 +349,9 @@ class MainConfig(DataOptions):
 @dataclass
 class CompressConfig(StepConfig):
     model: str = option(help="registered name, models:/NAME@alias, or runs:/ID/translator")
-    input: str = option(help="state dict of a trained base network (torch.save or .safetensors)")
+    input: str = option(help="state dict of a trained base network, or with --block any checkpoint "
+                             "(torch.save or .safetensors)")
     output: str = option(help="where to write the compressed network's state dict")
+    block: Optional[str] = option(None, "module path of the block to translate in any checkpoint, e.g. layer1.0 "
+                                        "(its other tensors kept; the small block's family written beside --output)")
     device: str = option("cpu", "cpu or cuda[:N]")

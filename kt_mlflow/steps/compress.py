@@ -5,12 +5,15 @@ from pathlib import Path
 from typing import Dict
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from ..blocks import family_spec
 from ..config import CompressConfig
 from ..errors import KTError
 from ..io import atomic_write
 from ..tracking.models import load_translator
+from ..translators.swap import compress_checkpoint
 
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -53,7 +56,29 @@ def compress_file(model: str, network: Path, output: Path, device: str = "cpu") 
     return {"params_before": before, "params_after": after, "block_before": block_before, "block_after": block_after}
 
 
+def compress_block_file(model: str, network: Path, block: str, output: Path, device: str = "cpu") -> Dict[str, int]:
+    """Translate the block at module path ``block`` of any checkpoint; write the checkpoint with the small
+    block in its place and the small block's family (``<output>.family.yaml``) beside it."""
+    state = load_state_dict(network)
+    translator = load_translator(model, device)
+    new = compress_checkpoint(state, block, translator)
+    save_state_dict(new, output)
+    family_file = output.with_name(output.name + ".family.yaml")
+    atomic_write(family_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(family_spec(translator.family),
+                                                                             sort_keys=False)))
+    before, after = sum(v.numel() for v in state.values()), sum(v.numel() for v in new.values())
+    prefix = block + "."
+    block_before = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
+    block_after = sum(v.numel() for k, v in new.items() if k.startswith(prefix))
+    print(f"compress: {network} -> {output}: block {block} {block_before} -> {block_after} numbers, checkpoint "
+          f"{before} -> {after} ({100 * (1 - after / before):.1f}% fewer) with translator {model} "
+          f"({translator.family.name}); family in {family_file}")
+    return {"params_before": before, "params_after": after, "block_before": block_before, "block_after": block_after}
+
+
 def run_compress(cfg: CompressConfig) -> Dict[str, int]:
-    """``kt compress``: no MLflow run of its own (it reads the registry, writes one file)."""
+    """``kt compress``: no MLflow run of its own (it reads the registry, writes the output files)."""
     cfg.validate()
+    if cfg.block:
+        return compress_block_file(cfg.model, Path(cfg.input), cfg.block, Path(cfg.output), cfg.device)
     return compress_file(cfg.model, Path(cfg.input), Path(cfg.output), cfg.device)
