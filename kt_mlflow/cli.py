@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__
 from .config import CompressConfig, EvaluateConfig, GenerateConfig, MainConfig, SweepConfig, TrainConfig
+from .distributed import process_group, world
 from .errors import KTError
 
 
@@ -27,14 +29,15 @@ class Step:
     help: str
     example: str
     tracked: bool = True   # opens an MLflow run (and takes --experiment-name)
+    distributed: bool = False  # may run as a torchrun job of many ranks
 
 
 STEPS: Dict[str, Step] = {
     "generate": Step(GenerateConfig, "steps.generate:run_generate",
                      "train translation pairs (large block, small block), K networks at once",
-                     "kt generate --n-pairs 64 --n-val 16"),
+                     "kt generate --n-pairs 64 --n-val 16", distributed=True),
     "train": Step(TrainConfig, "steps.train:run_train", "train a translator on pairs and register it in MLflow",
-                  "kt train --pairs <generate run id> --recipe best"),
+                  "kt train --pairs <generate run id> --recipe best", distributed=True),
     "evaluate": Step(EvaluateConfig, "steps.evaluate:run_evaluate",
                      "compare a registered translator with the data-free baselines on held-out networks",
                      "kt evaluate --model kt-paper_mnist-channel_set --pairs <generate run id>"),
@@ -135,12 +138,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = config_from_args(args)
         cfg.validate()
+        if world().distributed and not step.distributed:
+            raise KTError("runs in one process; start it without torchrun (generate and train take torchrun).")
         run = _runner(step)
-        result = run(cfg, experiment=args.experiment_name) if step.tracked else run(cfg)
+        with process_group():
+            result = run(cfg, experiment=args.experiment_name) if step.tracked else run(cfg)
     except KTError as e:
-        print(f"kt {args.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+        print(f"kt {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
         return 2
-    if step.tracked:
+    if step.tracked and world().is_main:
         run_id = result[0] if isinstance(result, tuple) else result
         print(f"{args.command} run: {run_id}")
     return 0

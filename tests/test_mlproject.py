@@ -15,10 +15,23 @@ from kt_mlflow.cli import STEPS, build_parser, config_from_args, field_parser
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
 TRACKED = [name for name, step in STEPS.items() if step.tracked]
+TORCHRUN = [name for name in TRACKED if STEPS[name].distributed]   # also as NAME_torchrun
+LAUNCHER = {"nnodes": "1", "nproc_per_node": "1", "rdzv_endpoint": "localhost:0", "rdzv_id": "kt"}
+TORCHRUN_PREFIX = ("torchrun --nnodes {nnodes} --nproc-per-node {nproc_per_node} --rdzv-backend c10d "
+                   "--rdzv-endpoint {rdzv_endpoint} --rdzv-id {rdzv_id} -m kt_mlflow ")
 
 
 def test_every_tracked_step_is_an_entry_point_and_back():
-    assert sorted(ENTRY_POINTS) == sorted(TRACKED)
+    assert sorted(ENTRY_POINTS) == sorted(TRACKED + [f"{name}_torchrun" for name in TORCHRUN])
+    assert TORCHRUN == ["generate", "train"]
+
+
+@pytest.mark.parametrize("name", TORCHRUN)
+def test_torchrun_entry_points_are_the_step_under_torchrun(name):
+    plain, job = ENTRY_POINTS[name], ENTRY_POINTS[f"{name}_torchrun"]
+    assert {k: v for k, v in job["parameters"].items() if k not in LAUNCHER} == plain["parameters"]
+    assert {k: job["parameters"][k]["default"] for k in LAUNCHER} == LAUNCHER
+    assert job["command"] == TORCHRUN_PREFIX + plain["command"][len("kt "):]
 
 
 @pytest.mark.parametrize("name", TRACKED)

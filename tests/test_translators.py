@@ -184,3 +184,19 @@ def test_rescaled_translation_follows_the_scale_symmetries(arch, bn_stats):
         create_translator(arch, fam, rescale=True)
     with pytest.raises(KTError, match="bn_aware"):
         create_translator(arch, fam, bn_stats=True)
+
+
+def test_channel_set_writes_what_the_soft_choice_over_written_kernels_gives():
+    """The factorised write equals its textbook form in float64: for each small hidden channel m, the
+    choice-weighted sum over large hidden channels h of write([e[h, r], q_m])."""
+    from kt_mlflow.translators.channel_set import ChannelSetTranslator
+
+    torch.manual_seed(0)
+    net = ChannelSetTranslator(72, 10, 36, 9, src_shapes=((6, 6, 3, 3), (6, 6, 3, 3)),
+                               dst_shapes=((3, 6, 3, 3), (6, 3, 3, 3)), depth=2, width=16).double()
+    e = torch.randn(4, 6, 6, 16, dtype=torch.float64)
+    choice = torch.rand(4, 3, 6, dtype=torch.float64).softmax(-1)
+    q = net.queries[None, :, None, None, :].expand(4, 3, 6, 6, -1)
+    written = net.write(torch.cat([e[:, None].expand(-1, 3, -1, -1, -1), q], -1))     # (B, M, H, R, 2D)
+    want = torch.einsum("bmh,bmhrd->bmrd", choice, written)
+    torch.testing.assert_close(net._write(e, choice), want, rtol=1e-12, atol=1e-12)

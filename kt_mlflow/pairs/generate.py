@@ -2,7 +2,9 @@
 
 Global pair indices ``[0, n_pairs)`` are training pairs and ``[n_pairs, n_pairs + n_val)`` are the
 held-out validation networks (seeds from a disjoint range). ``start_index``/``count`` select a slice
-of that index space, so several workers can fill one folder without overlap.
+of that index space, so several workers can fill one folder without overlap. Under torchrun each
+rank takes every WORLD_SIZE-th shard of that plan, so no flag differs between ranks, and a rerun
+with any number of ranks resumes the same folder.
 
 Example:
     >>> from kt_mlflow.config import GenerateConfig
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..blocks import BlockFamily, family_spec, is_registered
 from ..config import GenerateConfig
+from ..distributed import all_sum, barrier, world
 from ..errors import KTError
 from .store import check_settings, sidecars, write_manifest, write_shard
 from .workers import ShardTrainer
@@ -78,12 +81,13 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     settings = pair_settings(cfg, trainer.family)
     check_settings(folder, settings)
 
-    plan = plan_shards(cfg)
+    rank = world()
+    plan = plan_shards(cfg)[rank.rank::rank.size]
     todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
             for split, first, n in plan if not _finished(folder, split, first, n)}
     epochs = cfg.schedule.epochs + cfg.schedule.small_epochs
-    bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", desc="generate",
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", dynamic_ncols=True,
+               desc="generate" if not rank.distributed else f"generate rank {rank.rank}", position=rank.local_rank)
     made, start = 0, time.perf_counter()
     device, workers, kernels = trainer.device, trainer.workers, trainer.kernels
     with trainer:
@@ -103,10 +107,14 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
             if on_shard is not None:
                 on_shard(made, time.perf_counter() - start, records)
     bar.close()
+    barrier()   # every rank's shards are written: rank 0 may now read them all
     elapsed = time.perf_counter() - start
+    made, planned = (int(v) for v in all_sum([made, sum(n for _, _, n in plan)]))
+    if not rank.is_main:
+        return {"pairs_made": made, "seconds": elapsed}
     manifest = write_manifest(folder)
     summary = {
-        "pairs_made": made, "pairs_skipped": sum(n for _, _, n in plan) - made, "seconds": elapsed,
+        "pairs_made": made, "pairs_skipped": planned - made, "seconds": elapsed, "ranks": rank.size,
         "pairs_per_min": 60.0 * made / elapsed if made else 0.0, "digest": manifest["digest"],
         "n_train_total": manifest["splits"]["train"]["count"], "n_val_total": manifest["splits"]["val"]["count"],
         "device": str(device), "workers": workers, "native_kernels": kernels == "native",
@@ -118,8 +126,12 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
                 summary[f"{split}_{key}_mean"] = sum(p[key] for p in pairs) / len(pairs)
     print(
         f"generate: {made} pairs made, {summary['pairs_skipped']} already there, in {elapsed:.1f} s "
-        f"({summary['pairs_per_min']:.1f} pairs/min on {device}, {workers} worker(s), {kernels} kernels); folder {folder} holds "
+        f"({summary['pairs_per_min']:.1f} pairs/min on {device}, {_processes(rank.size, workers)}, {kernels} kernels); "
+        f"folder {folder} holds "
         f"{summary['n_train_total']} train + {summary['n_val_total']} val pairs, digest {manifest['digest']}"
     )
     return summary
 
+
+def _processes(ranks: int, workers: int) -> str:
+    return f"{workers} worker(s)" if ranks == 1 else f"{ranks} ranks x {workers} worker(s)"

@@ -32,27 +32,27 @@ from ..blocks import create_family
 from ..blocks.native import use_native
 from ..config import PairSchedule
 from ..data import load_for
-from ..device import cpu_cores, pick_device
+from ..device import cpu_share, pick_device
 from ..errors import KTError
 from .make import train_pairs
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
-    """``workers=0`` (auto): one per CPU core on a CPU, 1 on a GPU (one process drives the device)."""
+    """``workers=0`` (auto): one per CPU core of this rank on a CPU, 1 on a GPU (one process drives it)."""
     if workers < 0:
         raise KTError(f"--workers must be >= 0 (0: one per CPU core), got {workers}.")
     if device.type != "cpu":
         if workers > 1:
             raise KTError(f"--workers {workers} splits CPU cores; on {device} use --workers 1 (or 0).")
         return 1
-    return workers or cpu_cores()
+    return workers or cpu_share()
 
 
 class ShardTrainer:
     """``train_pairs`` for a batch of shards (each a list of seeds), on ``workers`` processes.
 
-    ``workers=1`` trains in this process with every core's thread; more start that many processes, each
-    with ``cores // workers`` threads, that load the dataset once and then train shard after shard.
+    ``workers=1`` trains in this process with a thread per core of this rank; more start that many
+    processes, each with ``cores // workers`` threads, that load the dataset once and then train shard after shard.
     ``run`` yields ``(key, result)`` as shards finish, so the caller can write each at once; every
     network-epoch trained, here or in a worker, counts on ``bar``.
     """
@@ -72,7 +72,7 @@ class ShardTrainer:
         if self.workers > 1:
             ctx = mp.get_context("spawn")  # a fresh interpreter: no OpenMP or MKL state copied by fork
             self.progress = ctx.Queue()
-            threads = max(1, cpu_cores() // self.workers)
+            threads = max(1, cpu_share() // self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_start_worker,
                 initargs=(family, dataset, data_root, colour, schedule, self.kernels, threads, self.progress,

@@ -1,4 +1,8 @@
-"""``generate`` as a tracked MLflow step: params, throughput metrics, shards as artifacts, dataset input."""
+"""``generate`` as a tracked MLflow step: params, throughput metrics, shards as artifacts, dataset input.
+
+Under torchrun every rank trains its share of the shards and rank 0 alone talks to MLflow: it opens
+the run, and logs the shards, the manifest and the dataset input once every rank has finished.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,16 +13,20 @@ import mlflow
 from ..blocks import create_family
 from ..config import GenerateConfig
 from ..data import load_for
+from ..distributed import world
 from ..pairs.generate import generate_pairs
 from ..tracking.datasets import PAIRS_ARTIFACT, PairDataset, PairShardSource, log_image_input
 from ..tracking.runs import log_family, step_run
 
 
 def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, nested: bool = False) -> str:
-    """Generate (or resume) pairs inside an MLflow run; returns the run id."""
+    """Generate (or resume) pairs inside an MLflow run; returns the run id (rank 0's; '' on other ranks)."""
     cfg.validate()
     family = create_family(cfg.family)   # a bad family file or data folder is reported before the run opens
     data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour)
+    if not world().is_main:
+        generate_pairs(cfg)
+        return ""
     folder = cfg.folder()
     name = f"pairs {family.name} {cfg.n_pairs}+{cfg.n_val}"
     with step_run("generate", cfg.as_params(), run_name=name, nested=nested, experiment=experiment,
@@ -30,7 +38,9 @@ def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, neste
             mlflow.log_metrics({"pairs_made": made, "pairs_per_min": 60.0 * made / max(seconds, 1e-9)}, step=made)
 
         summary = generate_pairs(cfg, on_shard=on_shard)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        # At the last step, so the job's totals (all ranks) are what the UI shows.
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))},
+                           step=summary["pairs_made"])
         mlflow.set_tag("kt.pairs_digest", summary["digest"])
         mlflow.log_artifacts(folder, PAIRS_ARTIFACT)
         uri = f"runs:/{run.info.run_id}/{PAIRS_ARTIFACT}"

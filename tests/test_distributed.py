@@ -1,0 +1,136 @@
+"""torchrun jobs on CPU (gloo): the same pairs and the same translator as one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import mlflow
+import pytest
+
+from kt_mlflow.distributed import World, world
+from kt_mlflow.errors import KTError
+
+REPO = Path(__file__).resolve().parents[1]
+GEN = ["--dataset", "digits", "--n-pairs", "8", "--n-val", "2", "--members", "2", "--epochs", "1",
+       "--small-epochs", "1"]
+
+
+def _two_cores() -> None:
+    """Both sides of a comparison on the same two cores: one thread per rank or per worker, whatever the
+    machine (a shard's bits depend on its thread count)."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+
+
+def _env(tmp_path: Path) -> Dict[str, str]:
+    return {**os.environ, "KT_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(args: List[str], tmp_path: Path, ranks: int = 2, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           "-m", "kt_mlflow", *args]
+    return subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_two_cores, cwd=tmp_path, **kw)
+
+
+def mlflow_run(entry: str, args: List[str], tmp_path: Path) -> subprocess.Popen:
+    """``mlflow run`` of an MLproject entry point; ``args`` are flags, passed as ``-P`` params."""
+    params = [f"{a[2:].replace('-', '_')}={b}" for a, b in zip(args[::2], args[1::2])]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+           *[x for p in params for x in ("-P", p)]]
+    return subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_two_cores, cwd=tmp_path)
+
+
+def one_process(args: List[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kt_mlflow", *args], env=_env(tmp_path), capture_output=True,
+                          text=True, preexec_fn=_two_cores, cwd=tmp_path, timeout=600)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def runs_of(experiment: str) -> list:
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def digest(folder: Path) -> str:
+    return json.loads((folder / "manifest.json").read_text())["digest"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+    """The digest of the pair set one process makes (two workers, one thread each)."""
+    tmp = tmp_path_factory.mktemp("one-process")
+    done = one_process(["generate", *GEN, "--workers", "2", "--output", str(tmp / "pairs")], tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return digest(tmp / "pairs")
+
+
+def test_world_reads_torchruns_environment(monkeypatch):
+    assert world() == World()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert world() == World(3, 4, 1, 2) and world().distributed and not world().is_main
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(KTError, match="RANK 4 / WORLD_SIZE 4"):
+        world()
+
+
+def test_torchrun_generate_equals_one_process(reference, tmp_path, use_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dist-gen")
+    out = finish(mlflow_run("generate_torchrun", [*GEN, "--nproc-per-node", "2", "--output", str(tmp_path / "pairs")],
+                            tmp_path))
+    assert digest(tmp_path / "pairs") == reference
+    assert out.count("generate run: ") == 1 and "2 ranks x 1 worker(s)" in out
+    runs = runs_of("dist-gen")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"       # rank 0's run, and only it
+    run = runs[0]
+    assert run.data.tags["kt.pairs_digest"] == reference and run.data.metrics["pairs_made"] == 10
+    logged = sorted(a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "pairs"))
+    assert len(logged) == 11 and logged[-1] == "pairs/val-00000000-00000001.safetensors"   # 5 shards, once
+
+
+def _ranks(launcher: int) -> Dict[int, int]:
+    """pid of each rank torchrun started, by RANK."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit() or (d / "stat").read_text().split()[3] != str(launcher):
+                continue
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(d.name)
+    return found
+
+
+def test_a_killed_rank_fails_the_job_and_a_rerun_completes_it(reference, tmp_path, use_server):
+    folder = tmp_path / "pairs"
+    args = ["generate", *GEN, "--output", str(folder), "--experiment-name", "dist-killed"]
+    job = torchrun(args, tmp_path)
+    deadline = time.time() + 300
+    while not list(folder.glob("*.json")) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(_ranks(job.pid)[1], signal.SIGKILL)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode != 0 and "SIGKILL" in out
+    shards = len(list(folder.glob("*.json")))
+    assert 1 <= shards < 5 and not (folder / "manifest.json").exists()
+    (failed,) = runs_of("dist-killed")
+    assert failed.info.status == "FAILED"                              # rank 0 was stopped, its run closed
+
+    out = finish(torchrun(args, tmp_path))
+    assert f"{2 * shards} already there" in out
+    assert digest(folder) == reference                                # nothing lost, nothing twice
