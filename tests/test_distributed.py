@@ -12,7 +12,9 @@ from typing import Dict, List
 
 import mlflow
 import pytest
+import torch
 
+from kt_mlflow.blocks import create_family
 from kt_mlflow.distributed import World, world
 from kt_mlflow.errors import KTError
 
@@ -134,3 +136,63 @@ def test_a_killed_rank_fails_the_job_and_a_rerun_completes_it(reference, tmp_pat
     out = finish(torchrun(args, tmp_path))
     assert f"{2 * shards} already there" in out
     assert digest(folder) == reference                                # nothing lost, nothing twice
+
+
+TRAIN = ["--recipe", "best", "--dataset", "digits", "--epochs", "3", "--val-every", "3", "--batch-size", "2",
+         "--dropout", "0", "--task-pairs", "3", "--task-images", "8", "--task-bank", "32", "--depth", "2",
+         "--width", "16", "--channel-hidden", "32"]
+
+
+def test_torchrun_train_equals_one_process(tiny_pairs, tmp_path, use_server):
+    """Two DDP ranks, each holding half the pairs, train the translator one process trains (same global
+    batches and seed): the same weights to float tolerance, registered once, by rank 0. With batches
+    of 2, some hold pairs of one rank only (seed 0: the first two), so the other runs at weight 0."""
+    from kt_mlflow.pairs.store import load_split
+    from kt_mlflow.tracking.models import load_translator
+
+    job = torchrun(["train", *TRAIN, "--pairs", str(tiny_pairs), "--registered-name", "kt-ddp",
+                    "--experiment-name", "dist-train"], tmp_path)
+    one = one_process(["train", *TRAIN, "--pairs", str(tiny_pairs), "--registered-name", "kt-one",
+                       "--experiment-name", "one-train"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    out = finish(job)
+    assert out.count("registered kt-ddp version 1") == 1
+    assert len(runs_of("dist-train")) == 1
+    ddp, ref = load_translator("models:/kt-ddp/1"), load_translator("models:/kt-one/1")
+    for k, v in ref.net.state_dict().items():
+        if k != "core.key.bias":  # softmax ignores it: its exact gradient is 0, and Adam scales rounding noise up
+            torch.testing.assert_close(ddp.net.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    large = load_split(tiny_pairs, "val").part("large")
+    for k, v in ref.translate_batch(large).items():
+        torch.testing.assert_close(ddp.translate_batch(large)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    (a,), (b,) = runs_of("dist-train"), runs_of("one-train")
+    assert abs(a.data.metrics["train_loss"] - b.data.metrics["train_loss"]) < 1e-5
+    assert a.data.metrics["best_val_acc_mean"] == pytest.approx(b.data.metrics["best_val_acc_mean"], abs=0.01)
+
+
+def test_batch_shares_cover_each_global_batch_once(tiny_pairs, tmp_path):
+    """Rank r's rows (pair r + W * row) at their positions rebuild every global batch exactly."""
+    import torch.distributed as dist
+
+    from kt_mlflow.config import TrainConfig
+    from kt_mlflow.pairs.store import load_split
+    from kt_mlflow.training.train import TranslatorFit
+
+    train = load_split(tiny_pairs, "train")
+    cfg = TrainConfig(recipe="paper", batch_size=3, depth=1, width=8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)  # for DDP
+    try:
+        fits = [TranslatorFit(cfg, create_family("paper_mnist"), train, None, torch.device("cpu"),
+                              World(r, 2, r, 2)) for r in (0, 1)]
+    finally:
+        dist.destroy_process_group()
+    assert [len(f.source) for f in fits] == [4, 4]
+    ranks = [f.shares(torch.Generator().manual_seed(5)) for f in fits]
+    whole = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    for i, shares in enumerate(zip(*ranks)):
+        rebuilt = torch.full((shares[0].total,), -1)
+        for r, share in enumerate(shares):
+            rebuilt[share.pos] = share.rows * 2 + r
+        assert rebuilt.tolist() == whole[3 * i: 3 * i + 3].tolist()
+    with pytest.raises(KTError, match="8 training pairs cannot be split over 9 ranks"):
+        TranslatorFit(cfg, create_family("paper_mnist"), train, None, torch.device("cpu"), World(0, 9, 0, 9))

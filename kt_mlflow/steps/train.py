@@ -1,4 +1,8 @@
-"""``train`` as a tracked MLflow step: pairs in, a registered translator out."""
+"""``train`` as a tracked MLflow step: pairs in, a registered translator out.
+
+Under torchrun every rank trains (DistributedDataParallel) and rank 0 alone opens the MLflow run,
+logs and registers.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -8,6 +12,7 @@ import mlflow
 from ..blocks import family_of
 from ..config import TrainConfig, default_pairs
 from ..data import load_for
+from ..distributed import world
 from ..tracking.datasets import load_pair_splits, log_image_input, log_pair_input
 from ..tracking.models import CANDIDATE, default_name, log_translator
 from ..tracking.runs import log_family, step_run
@@ -16,7 +21,7 @@ from ..training.train import train_translator
 
 def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
               nested: bool = False) -> Tuple[str, Optional[str]]:
-    """Train and register a translator inside an MLflow run; returns (run id, model version)."""
+    """Train and register a translator inside an MLflow run; returns (run id, model version), rank 0's."""
     cfg.validate()
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
     folder, train, val = load_pair_splits(pairs, cfg.dataset)
@@ -26,6 +31,9 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     params = {**cfg.as_params(), "pairs": pairs, "registered_name": name, "family": family.name,
               "n_train_pairs": len(train), "n_val": len(val)}
     run_name = f"translator {cfg.resolved_arch} {cfg.recipe}"
+    if not world().is_main:
+        train_translator(cfg, family, train, val, data, progress=False)
+        return "", None
     with step_run("train", params, run_name=run_name, nested=nested, experiment=experiment,
                   family=family.name) as run:
         log_family(family)

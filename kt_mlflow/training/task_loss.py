@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..blocks import BlockFamily, KTNetwork, fold_members
+from ..distributed import all_sum
 from ..pairs.store import PairSet
+from .augment import Part, batch_noise
 
 
 class TaskLoss:
@@ -31,17 +33,22 @@ class TaskLoss:
     strength; the teacher is then recomputed. New surroundings every step, so the translator cannot
     learn the training networks' own begin/last blocks instead of the task. ``grad_leak`` is the small
     block's hidden-ReLU gradient below zero (see ``BottleneckBlock``).
+
+    Under DistributedDataParallel each rank holds its own pairs' banks; ``pairs_total`` (all ranks'
+    pairs) sizes them, and every random draw is made for the whole batch (``part``), so a rank computes
+    exactly its rows of what one process would.
     """
 
     def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device, bank: int,
-                 seed: int, chunk: int = 32, context: float = 0.0, grad_leak: float = 0.0) -> None:
+                 seed: int, chunk: int = 32, context: float = 0.0, grad_leak: float = 0.0,
+                 pairs_total: Optional[int] = None) -> None:
         self.family, self.device, self.context, self.grad_leak = family, device, context, grad_leak
         self.stride = family.last().stride
         # Keep the feature banks within ~4 GB: fewer images per pair when there are many pairs (2,000
         # pairs of the paper's family still get 360 images each).
         side = family.grid  # begin-block output (pre-activation bank), then block output (strided)
         per_image = 4 * family.width * (side ** 2 + (-(-side // self.stride)) ** 2)
-        bank = max(16, min(bank, (4 << 30) // max(1, len(train) * per_image)))
+        bank = max(16, min(bank, (4 << 30) // max(1, (pairs_total or len(train)) * per_image)))
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
         x = data.train_x[pick].to(device)
         m, n = len(x), len(train)
@@ -65,7 +72,8 @@ class TaskLoss:
         self.activate = type(net.begin).activate  # the begin block's output from its pre-activation
         self.pre, self.outs, self.teacher = torch.cat(pres), torch.cat(outs), torch.cat(teacher)
         self.pre_std = self.pre.transpose(1, 2).flatten(2).std(-1)                      # (P, C)
-        self.out_scale = float(self.outs.pow(2).mean().clamp_min(1e-12))
+        square_sum, count = all_sum([float(self.outs.double().pow(2).sum()), float(self.outs.numel())])
+        self.out_scale = max(square_sum / count, 1e-12)                               # over every rank's pairs
         self.large = {k: v.to(device) for k, v in train.part("large").items()}
         self.last = {k: v.to(device) for k, v in train.part("last").items()}
         self._nets: Dict[int, torch.nn.Module] = {}
@@ -84,7 +92,8 @@ class TaskLoss:
         return self._nets[-k]
 
     def __call__(self, small: Dict[str, torch.Tensor], idx: torch.Tensor, n_images: int,
-                 gen: torch.Generator, large: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 gen: torch.Generator, large: Optional[Dict[str, torch.Tensor]] = None,
+                 part: Part = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(prediction KL, relative feature MSE) of the translated ``small`` blocks of pairs ``idx``.
 
         ``large`` (stacked, one per pair in ``idx``) replaces the pairs' own large blocks as the teacher,
@@ -100,10 +109,10 @@ class TaskLoss:
         last = {a: b[idx] for a, b in self.last.items()}
         if self.context > 0:
             c = pre.shape[2]
-            scale = (1 + self.context * self._noise((k, 1, c, 1, 1), gen)).clamp_min(0.1)
-            shift = self.context * self._noise((k, 1, c, 1, 1), gen) * self.pre_std[idx][:, None, :, None, None]
+            scale = (1 + self.context * self._noise((k, 1, c, 1, 1), gen, part)).clamp_min(0.1)
+            shift = self.context * self._noise((k, 1, c, 1, 1), gen, part) * self.pre_std[idx][:, None, :, None, None]
             pre = pre * scale + shift
-            last = perturb_params(last, self.context, gen)
+            last = perturb_params(last, self.context, gen, part)
             if large is None:
                 large = {a: b[idx] for a, b in self.large.items()}
         net, feats, last = self._net(k), members(self.activate(pre)), fold_members(last)
@@ -120,17 +129,18 @@ class TaskLoss:
                       log_target=True, reduction="batchmean")
         return kl, F.mse_loss(out, target) / self.out_scale
 
-    def _noise(self, shape: Tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        return torch.randn(shape, generator=gen).to(self.device)
+    def _noise(self, shape: Tuple[int, ...], gen: torch.Generator, part: Part) -> torch.Tensor:
+        return batch_noise(shape, gen, part).to(self.device)
 
 
-def perturb_params(state: Dict[str, torch.Tensor], strength: float, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+def perturb_params(state: Dict[str, torch.Tensor], strength: float, gen: torch.Generator,
+                   part: Part = None) -> Dict[str, torch.Tensor]:
     """Nearby networks: every weight and bias (conv, linear, BN affine) multiplied by
     ``1 + strength * N(0, 1)`` element-wise, BN statistics kept. With a teacher recomputed from them,
     each is a new, slightly different network to translate: unlimited examples of the same task."""
     out = dict(state)
     for name, t in state.items():
         if t.is_floating_point() and name.endswith((".weight", ".bias")):  # not the BN running statistics
-            noise = torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
+            noise = batch_noise(t.shape, gen, part).to(t.device, t.dtype)
             out[name] = t * (1 + strength * noise)
     return out

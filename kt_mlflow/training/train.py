@@ -3,6 +3,11 @@
 Every ``val_every`` epochs a validation translates each held-out network's large block, assembles
 begin + small + last and measures test accuracy; the best translator by mean is kept.
 
+Under torchrun the same loop runs as DistributedDataParallel: rank r holds training pairs r, r + W,
+r + 2W, ... (and their task-loss banks) on its device, every rank walks the same global batches and
+computes the loss terms of its own pairs in them, weighted so that the averaged gradient is the one
+process's gradient; rank 0 validates and keeps the best translator.
+
 Example:
     >>> result = train_translator(TrainConfig(epochs=50), family, train_pairs, val_pairs, data)  # doctest: +SKIP
     >>> result.best["val_acc_mean"]                                                               # doctest: +SKIP
@@ -21,12 +26,13 @@ from tqdm.auto import tqdm
 from ..blocks import BlockFamily
 from ..config import TrainConfig
 from ..device import pick_device
+from ..distributed import World, all_sum, world
 from ..engine import network_accuracy
 from ..errors import KTError
 from ..pairs.store import PairSet
 from ..recipes import get_recipe
 from ..translators import Translator, create_translator, tokens
-from .augment import augment_pair
+from .augment import Part, augment_pair, batch_noise
 from .task_loss import TaskLoss, perturb_params
 
 State = Dict[str, torch.Tensor]
@@ -51,10 +57,10 @@ def _canonical(family: BlockFamily, small: State) -> State:
     return canon(small)
 
 
-def _permuted(family: BlockFamily, large: State, gen: torch.Generator) -> State:
+def _permuted(family: BlockFamily, large: State, gen: torch.Generator, part: Part = None) -> State:
     """Each large block with its hidden channels in a random order (the same function)."""
     ref = next(iter(large.values()))
-    perm = torch.rand(ref.shape[0], family.large_hidden, generator=gen, device="cpu").argsort(-1).to(ref.device)
+    perm = batch_noise((ref.shape[0], family.large_hidden), gen, part, uniform=True).argsort(-1).to(ref.device)
     return family.prototype("large").permute_hidden(large, perm)
 
 
@@ -75,25 +81,66 @@ def split_holdout(train: PairSet, val: PairSet, holdout: int) -> Tuple[PairSet, 
     return train.subset(torch.arange(n_fit)), train.subset(torch.arange(n_fit, len(train)))
 
 
-class TranslatorFit:
-    """One translator, its training pairs as tensors on the device, and one optimisation step."""
+@dataclass(frozen=True)
+class BatchShare:
+    """This rank's pairs in one global batch: their local rows and their positions in the batch."""
 
-    def __init__(self, cfg: TrainConfig, family: BlockFamily, train: PairSet, data, device: torch.device) -> None:
+    rows: torch.Tensor
+    pos: torch.Tensor
+    total: int          # pairs in the global batch
+    ranks: int
+
+    def weight(self, n: int, of: int) -> float:
+        """What a mean over this rank's first ``n`` of the batch's first ``of`` pairs counts for, so that
+        the ranks' average is the mean over all ``of`` (1 in one process)."""
+        return self.ranks * n / of
+
+    def part(self, n: int, of: int) -> Part:
+        return self.pos[:n], of
+
+
+def _moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation over the pairs and tokens of every rank."""
+    flat = x.reshape(-1, x.shape[-1]).double()
+    n, s, ss = all_sum([float(len(flat))]), flat.sum(0), flat.pow(2).sum(0)
+    sums = torch.tensor(all_sum([*s.tolist(), *ss.tolist()]), dtype=torch.float64, device=x.device)
+    s, ss, n = sums[: x.shape[-1]], sums[x.shape[-1]:], n[0]
+    mean = s / n
+    var = ((ss - n * mean.pow(2)) / max(n - 1, 1)).clamp_min(0)
+    return mean.float(), var.sqrt().float()
+
+
+class TranslatorFit:
+    """One translator, this rank's training pairs as tensors on the device, and one optimisation step."""
+
+    def __init__(self, cfg: TrainConfig, family: BlockFamily, train: PairSet, data, device: torch.device,
+                 ranks: Optional[World] = None) -> None:
         self.cfg, self.family, self.recipe = cfg, family, get_recipe(cfg.recipe)
-        recipe = self.recipe
-        self.large = {k: v.to(device) for k, v in train.part("large").items()}
-        small = {k: v.to(device) for k, v in train.part("small").items()}
+        self.world, self.n_pairs = ranks or world(), len(train)
+        w, recipe = self.world, self.recipe
+        if self.n_pairs < w.size:
+            raise KTError(f"{self.n_pairs} training pairs cannot be split over {w.size} ranks; start at most "
+                          f"{self.n_pairs} ranks or hold out fewer pairs.")
+        mine = train.subset(torch.arange(w.rank, self.n_pairs, w.size)) if w.distributed else train
+        self.large = {k: v.to(device) for k, v in mine.part("large").items()}
+        small = {k: v.to(device) for k, v in mine.part("small").items()}
         self.small = _canonical(family, small) if recipe.canonical else small
         self.translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware,
                                             rescale=recipe.rescale, bn_stats=recipe.bn_stats, **cfg.arch_kwargs())
         self.net = self.translator.net.to(device)
         self.source, self.scales = self.translator.encode(self.large)   # (P, T_in, D_in), reused without perms
-        self.target = self.targets(torch.arange(len(train), device=device), self.scales)  # (P, T_out, D_out)
+        self.target = self.targets(torch.arange(len(mine), device=device), self.scales)  # (P, T_out, D_out)
         if recipe.standardize:
             self._standardize()
-        self.task = (TaskLoss(family, train, data, device, cfg.task_bank, cfg.seed, context=recipe.context,
-                              grad_leak=recipe.grad_leak)
+        self.task = (TaskLoss(family, mine, data, device, cfg.task_bank, cfg.seed, context=recipe.context,
+                              grad_leak=recipe.grad_leak, pairs_total=self.n_pairs)
                      if recipe.distill > 0 or recipe.feature_match > 0 else None)
+        self.model = self.net
+        if w.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                 broadcast_buffers=False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def targets(self, rows: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -102,37 +149,49 @@ class TranslatorFit:
 
     def _standardize(self) -> None:
         net = self.net
-        net.in_mean.copy_(self.source.mean((0, 1)))
-        net.in_std.copy_(self.source.std((0, 1)).clamp_min(1e-6))
-        net.out_mean.copy_(self.target.mean((0, 1)))
-        net.out_std.copy_(self.target.std((0, 1)).clamp_min(1e-6))
+        with torch.no_grad():
+            for (mean, std), x in (((net.in_mean, net.in_std), self.source), ((net.out_mean, net.out_std), self.target)):
+                m, s = _moments(x)
+                mean.copy_(m)
+                std.copy_(s.clamp_min(1e-6))
 
-    def _batch(self, idx: torch.Tensor, gen: torch.Generator):
+    def _batch(self, idx: torch.Tensor, gen: torch.Generator, part: Part):
         """(source tokens, scales, target tokens, perturbed large blocks or None) of pairs ``idx``."""
         recipe, batch_large = self.recipe, None
         if recipe.perturb > 0:
-            batch_large = perturb_params({k: v[idx] for k, v in self.large.items()}, recipe.perturb, gen)
+            batch_large = perturb_params({k: v[idx] for k, v in self.large.items()}, recipe.perturb, gen, part)
         if recipe.perm_augment:
-            batch_large = _permuted(self.family, batch_large or {k: v[idx] for k, v in self.large.items()}, gen)
+            batch_large = _permuted(self.family, batch_large or {k: v[idx] for k, v in self.large.items()}, gen, part)
         if batch_large is None:
             return self.source[idx], None if self.scales is None else self.scales[idx], self.target[idx], None
         src, sc = self.translator.encode(batch_large)
         return src, sc, self.target[idx] if sc is None else self.targets(idx, sc), batch_large
 
-    def step(self, idx: torch.Tensor, gen: torch.Generator, epoch: int) -> Tuple[float, float]:
-        """One Adam step on pairs ``idx``; returns (loss, task loss)."""
+    def step(self, share: BatchShare, gen: torch.Generator, epoch: int) -> Tuple[float, float]:
+        """One Adam step on this rank's pairs of a batch; returns their (loss, task loss) share.
+
+        A rank with no pair in the batch still runs one pair at weight 0: every rank takes part in
+        each gradient all-reduce."""
         cfg, recipe = self.cfg, self.recipe
-        src, sc, dst, batch_large = self._batch(idx, gen)
-        src, dst = augment_pair(src, dst, cfg.mask_ratio, cfg.noise_std, cfg.augment_on)
-        pred = self.net(src)
-        loss = recipe.param * param_loss(self.family, pred, dst) if recipe.param > 0 else pred.new_zeros(())
+        k = len(share.rows)
+        if k == 0:
+            share = BatchShare(share.rows.new_zeros(1), share.pos.new_zeros(1), share.total, share.ranks)
+        idx = share.rows.to(self.source.device)
+        src, sc, dst, batch_large = self._batch(idx, gen, share.part(len(idx), share.total))
+        src, dst = augment_pair(src, dst, cfg.mask_ratio, cfg.noise_std, cfg.augment_on, gen,
+                                share.part(len(idx), share.total))
+        pred = self.model(src)
+        loss = 0.0 * pred.sum()   # every parameter in the graph, whichever terms this rank has
+        if recipe.param > 0:
+            loss = loss + share.weight(k, share.total) * recipe.param * param_loss(self.family, pred, dst)
         task = 0.0
-        if self.task is not None:
-            sub = idx[: cfg.task_pairs]
-            teacher = None if recipe.perturb == 0 else {k: v[: len(sub)] for k, v in batch_large.items()}
-            small = self.translator.decode(pred[: len(sub)], None if sc is None else sc[: len(sub)])
-            kl, feat = self.task(small, sub, cfg.task_images, gen, teacher)
-            term = recipe.distill * kl + recipe.feature_match * feat
+        n_sub = min(cfg.task_pairs, share.total)
+        k_sub = int((share.pos[:k] < n_sub).sum())
+        if self.task is not None and k_sub:
+            teacher = None if recipe.perturb == 0 else {a: b[:k_sub] for a, b in batch_large.items()}
+            small = self.translator.decode(pred[:k_sub], None if sc is None else sc[:k_sub])
+            kl, feat = self.task(small, idx[:k_sub], cfg.task_images, gen, teacher, part=share.part(k_sub, n_sub))
+            term = share.weight(k_sub, n_sub) * (recipe.distill * kl + recipe.feature_match * feat)
             loss, task = loss + term, float(term.detach())
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"translator loss became {float(loss.detach())} at epoch {epoch}; lower --lr or "
@@ -144,15 +203,28 @@ class TranslatorFit:
         self.opt.step()
         return float(loss.detach()), task
 
+    def shares(self, gen: torch.Generator) -> List[BatchShare]:
+        """This rank's part of each batch of one pass over all ranks' pairs in a random order."""
+        w, size = self.world, self.cfg.batch_size
+        order = torch.randperm(self.n_pairs, generator=gen)
+        out = []
+        for lo in range(0, self.n_pairs, size):
+            batch = order[lo: lo + size]
+            pos = (batch % w.size == w.rank).nonzero().flatten()
+            out.append(BatchShare(batch[pos] // w.size, pos, len(batch), w.size))
+        return out
+
     def epoch(self, epoch: int, gen: torch.Generator) -> Dict[str, float]:
-        """One pass over the pairs in a random order; returns the epoch's mean losses."""
+        """One pass over the pairs; returns the epoch's mean losses (over every rank)."""
         self.net.train()
-        n = len(self.source)
-        order = torch.randperm(n, generator=gen).to(self.source.device)
-        losses = [self.step(order[lo: lo + self.cfg.batch_size], gen, epoch) for lo in range(0, n, self.cfg.batch_size)]
-        metrics = {"train_loss": sum(loss for loss, _ in losses) / len(losses), "lr": self.opt.param_groups[0]["lr"]}
+        shares = self.shares(gen)
+        # Each step draws from its own generator, so a rank with nothing to draw for stays in step.
+        base = int(torch.randint(2 ** 62, (), generator=gen))
+        losses = [self.step(share, torch.Generator().manual_seed(base + i), epoch) for i, share in enumerate(shares)]
+        loss, task = (v / self.world.size for v in all_sum([sum(a for a, _ in losses), sum(b for _, b in losses)]))
+        metrics = {"train_loss": loss / len(losses), "lr": self.opt.param_groups[0]["lr"]}
         if self.task is not None:
-            metrics["task_loss"] = sum(t for _, t in losses) / len(losses)
+            metrics["task_loss"] = task / len(losses)
         return metrics
 
 
@@ -166,21 +238,26 @@ def validate_translator(translator: Translator, family: BlockFamily, val: PairSe
 
 def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet, data,
                      on_epoch: Optional[EpochHook] = None, progress: bool = True) -> TrainResult:
-    """Train a translator on ``train`` pairs; validate on ``val`` networks (see ``split_holdout``)."""
+    """Train a translator on ``train`` pairs; validate on ``val`` networks (see ``split_holdout``).
+
+    Under torchrun every rank calls this with the same arguments; rank 0's result holds the kept
+    translator and its scores, the other ranks' only their own copy of the last weights."""
     cfg.validate()
     train, val = split_holdout(train, val, cfg.select_holdout)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     fit = TranslatorFit(cfg, family, train, data, device)
+    main = fit.world.is_main
+    torch.manual_seed(cfg.seed + fit.world.rank)   # dropout: each rank its own masks
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(fit.opt, T_max=cfg.epochs)
     best: Dict[str, float] = {"val_acc_mean": -math.inf}
     best_state, history = None, []
-    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", dynamic_ncols=True, disable=not (progress and main))
     for epoch in bar:
         metrics = fit.epoch(epoch, gen)
         sched.step()
-        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+        if main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             metrics.update(validate_translator(fit.translator, family, val, data, device))
             if metrics["val_acc_mean"] > best["val_acc_mean"]:
                 best = {k: metrics[k] for k in ("val_acc_mean", "val_acc_min", "val_acc_max")}
@@ -188,8 +265,9 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
                 best_state = copy.deepcopy(fit.net.state_dict())
         history.append(metrics)
         bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in ("train_loss", "val_acc_mean")})
-        if on_epoch is not None:
+        if on_epoch is not None and main:
             on_epoch(epoch, metrics)
-    fit.net.load_state_dict(best_state)
+    if best_state is not None:
+        fit.net.load_state_dict(best_state)
     fit.net.eval()
     return TrainResult(fit.translator, best, history)
