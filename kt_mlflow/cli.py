@@ -43,7 +43,8 @@ STEPS: Dict[str, Step] = {
                      "kt evaluate --model kt-paper_mnist-channel_set --pairs <generate run id>"),
     "sweep": Step(SweepConfig, "steps.sweep:run_sweep",
                   "Optuna study over translators; workers with the same study and storage cooperate",
-                  "kt sweep --pairs <generate run id> --n-trials 8 --storage postgresql://USER@HOST/DB"),
+                  "kt sweep --pairs <generate run id> --n-trials 8 --storage postgresql://USER@HOST/DB",
+                  distributed=True),
     "main": Step(MainConfig, "steps.main:run_main", "the quickstart: generate -> train -> evaluate as child runs",
                  "kt main"),
     "compress": Step(CompressConfig, "steps.compress:run_compress",
@@ -139,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
         cfg.validate()
         if world().distributed and not step.distributed:
-            raise KTError("runs in one process; start it without torchrun (generate and train take torchrun).")
+            raise KTError("runs in one process; start it without torchrun (generate, train and sweep take torchrun).")
         run = _runner(step)
         with process_group():
             result = run(cfg, experiment=args.experiment_name) if step.tracked else run(cfg)

@@ -10,12 +10,13 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 from .errors import KTError
 
@@ -105,3 +106,23 @@ def all_sum(values: List[float]) -> List[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (``flag`` itself in a job of one)."""
+    return bool(all_sum([float(flag)])[0]) if world().distributed else flag
+
+
+def broadcast_json(obj: Any = None) -> Any:
+    """Rank 0's ``obj`` (JSON data) on every rank, sent as UTF-8 bytes: nothing is unpickled."""
+    if not world().distributed:
+        return obj
+    import torch
+    import torch.distributed as dist
+
+    data = json.dumps(obj).encode() if world().is_main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, 0)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return json.loads(bytes(buf.tolist()).decode())

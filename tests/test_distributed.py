@@ -196,3 +196,28 @@ def test_batch_shares_cover_each_global_batch_once(tiny_pairs, tmp_path):
         assert rebuilt.tolist() == whole[3 * i: 3 * i + 3].tolist()
     with pytest.raises(KTError, match="8 training pairs cannot be split over 9 ranks"):
         TranslatorFit(cfg, create_family("paper_mnist"), train, None, torch.device("cpu"), World(0, 9, 0, 9))
+
+
+SWEEP = ["--dataset", "digits", "--n-trials", "2", "--depth-min", "1", "--depth-max", "2", "--width-min", "8",
+         "--width-max", "16", "--epochs-min", "2", "--epochs-max", "3", "--val-every", "1", "--dropout", "0",
+         "--pruner", "none", "--select-holdout", "2"]
+
+
+def test_torchrun_sweep_trains_each_trial_on_every_rank(tiny_pairs, tmp_path, use_server):
+    """A sweep worker of two ranks samples, scores and registers what one process does."""
+    import optuna
+
+    scores = {}
+    for name, start in (("ddp", torchrun), ("one", None)):
+        args = ["sweep", *SWEEP, "--pairs", str(tiny_pairs), "--study-name", name, "--experiment-name", f"sweep-{name}",
+                "--storage", f"sqlite:///{tmp_path / name}.db", "--registered-name", f"kt-sweep-{name}"]
+        if start is None:
+            done = one_process(args, tmp_path)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            finish(start(args, tmp_path))
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials
+        scores[name] = [(t.params, t.value) for t in trials]
+        assert len(runs_of(f"sweep-{name}")) == 3   # the worker's parent run and one run per trial
+    for (params, ddp), (same, one) in zip(scores["ddp"], scores["one"]):
+        assert params == same and ddp == pytest.approx(one, abs=0.5)

@@ -23,7 +23,7 @@ TORCHRUN_PREFIX = ("torchrun --nnodes {nnodes} --nproc-per-node {nproc_per_node}
 
 def test_every_tracked_step_is_an_entry_point_and_back():
     assert sorted(ENTRY_POINTS) == sorted(TRACKED + [f"{name}_torchrun" for name in TORCHRUN])
-    assert TORCHRUN == ["generate", "train"]
+    assert TORCHRUN == ["generate", "train", "sweep"]
 
 
 @pytest.mark.parametrize("name", TORCHRUN)

@@ -5,6 +5,9 @@ the held-out networks). One MLflow parent run per worker, one nested child run p
 the study's best translator is registered and becomes ``champion`` if it beats the current one on
 the same validation networks.
 
+Under torchrun a worker's trials train on all its ranks (DistributedDataParallel): rank 0 samples,
+reports and logs, and tells the other ranks each trial's parameters.
+
 Example (two workers, one study)::
 
     kt sweep --pairs RUN_ID --study-name s1 --storage postgresql://user@db/optuna --n-trials 10 --worker 0 &
@@ -25,13 +28,14 @@ from ..blocks import family_of
 from ..config import SweepConfig, default_pairs
 from ..data import load_for
 from ..device import pick_device
+from ..distributed import broadcast_json, world
 from ..engine import network_accuracy
 from ..errors import KTError, first_line
 from ..pairs.store import digest as folder_digest
 from ..paths import default_storage
 from ..sweep import study as st
 from ..sweep.space import describe
-from ..sweep.trial import TrialRunner
+from ..sweep.trial import TrialRunner, follow_trials
 from ..tracking import champion
 from ..tracking.datasets import load_pair_splits, log_pair_input
 from ..tracking.models import default_name, load_translator
@@ -88,12 +92,15 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     """Run this worker's share of the study inside an MLflow parent run; returns the parent run id."""
     cfg.validate()   # every check that needs no I/O first, then the storage, then the data
     storage = cfg.storage or default_storage()
-    db = st.open_storage(storage, cfg.heartbeat_interval, cfg.grace_period, cfg.max_retry)
+    db = st.open_storage(storage, cfg.heartbeat_interval, cfg.grace_period, cfg.max_retry) if world().is_main else None
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
     folder, train, val = load_pair_splits(pairs, cfg.dataset)
     family = family_of(train.settings)
     data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour, train.settings)
     device = pick_device(cfg.device)
+    if not world().is_main:
+        follow_trials(cfg, family, train, val, data)
+        return ""
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     val_digest, pairs_digest = st.val_digest(folder, cfg.dataset), folder_digest(folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -111,8 +118,11 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
         print(f"sweep: worker {cfg.worker} joins study {cfg.study_name!r} at {st.redact(storage)} "
               f"({len(study.get_trials(deepcopy=False))} trials so far; device {device}; "
               f"n_trials {cfg.n_trials}, timeout {cfg.timeout})", flush=True)
-        study.optimize(TrialRunner(cfg, family, train, val, data), n_trials=cfg.n_trials, timeout=cfg.timeout,
-                       catch=(Exception,), gc_after_trial=True)
+        try:
+            study.optimize(TrialRunner(cfg, family, train, val, data), n_trials=cfg.n_trials, timeout=cfg.timeout,
+                           catch=(Exception,), gc_after_trial=True)
+        finally:
+            broadcast_json(None)   # the other ranks' follow_trials ends
         st.log_study_report(study)
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             print(f"sweep: study {cfg.study_name!r} has no complete trial yet; nothing registered", flush=True)

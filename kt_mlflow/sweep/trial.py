@@ -7,12 +7,13 @@ import mlflow
 import optuna
 
 from ..config import SweepConfig
+from ..distributed import broadcast_json
 from ..errors import first_line
 from ..pairs.store import PairSet
 from ..tracking.champion import SCORE_TAG
 from ..tracking.models import log_translator
 from ..tracking.runs import flat_params
-from ..training.train import NonFiniteLoss, TrainResult, train_translator
+from ..training.train import NonFiniteLoss, StoppedByMain, TrainResult, train_translator
 from . import study as st
 from .space import describe, sample
 
@@ -60,6 +61,7 @@ class TrialRunner:
         cfg = self.cfg.trial_config(params)
         mlflow.log_params(flat_params({**cfg.as_params(), "trial_number": trial.number,
                                        **{f"trial.{k}": v for k, v in params.items()}}))
+        broadcast_json(params)   # under torchrun the other ranks train this trial too (see follow_trials)
         try:
             result = train_translator(cfg, self.family, self.train, self.val, self.data,
                                       on_epoch=self._reporter(trial), progress=False)
@@ -90,3 +92,16 @@ class TrialRunner:
         trial.set_user_attr(st.MODEL_TAGS_ATTR, result.translator.config_tags())
         mlflow.set_tags({st.STATE_TAG: "complete", SCORE_TAG: repr(score)})
         return score
+
+
+def follow_trials(cfg: SweepConfig, family, train: PairSet, val: PairSet, data) -> int:
+    """A torchrun rank other than 0: train each trial rank 0 samples, until it says the study is done.
+    Returns how many trials this rank took part in."""
+    n = 0
+    while (params := broadcast_json()) is not None:
+        n += 1
+        try:
+            train_translator(cfg.trial_config(params), family, train, val, data, progress=False)
+        except (StoppedByMain, NonFiniteLoss):   # pruned or diverged: rank 0 reports it
+            pass
+    return n

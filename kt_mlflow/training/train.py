@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..blocks import BlockFamily
 from ..config import TrainConfig
 from ..device import pick_device
-from ..distributed import World, all_sum, world
+from ..distributed import World, all_sum, any_rank, world
 from ..engine import network_accuracy
 from ..errors import KTError
 from ..pairs.store import PairSet
@@ -41,6 +41,10 @@ EpochHook = Callable[[int, Dict[str, float]], None]
 
 class NonFiniteLoss(KTError):
     """The loss became NaN or inf (a sweep prunes such a trial)."""
+
+
+class StoppedByMain(KTError):
+    """Rank 0 stopped this training after an epoch (its epoch hook raised, e.g. a pruned sweep trial)."""
 
 
 @dataclass
@@ -193,9 +197,10 @@ class TranslatorFit:
             kl, feat = self.task(small, idx[:k_sub], cfg.task_images, gen, teacher, part=share.part(k_sub, n_sub))
             term = share.weight(k_sub, n_sub) * (recipe.distill * kl + recipe.feature_match * feat)
             loss, task = loss + term, float(term.detach())
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"translator loss became {float(loss.detach())} at epoch {epoch}; lower --lr or "
-                                f"the augmentation strength.")
+        if any_rank(not bool(torch.isfinite(loss))):   # every rank stops at the same step
+            value = float(loss.detach())
+            raise NonFiniteLoss(f"translator loss became {value if not math.isfinite(value) else 'non-finite on another rank'} "
+                                f"at epoch {epoch}; lower --lr or the augmentation strength.")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
@@ -257,16 +262,23 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
     for epoch in bar:
         metrics = fit.epoch(epoch, gen)
         sched.step()
-        if main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-            metrics.update(validate_translator(fit.translator, family, val, data, device))
-            if metrics["val_acc_mean"] > best["val_acc_mean"]:
-                best = {k: metrics[k] for k in ("val_acc_mean", "val_acc_min", "val_acc_max")}
-                best["epoch"] = float(epoch)
-                best_state = copy.deepcopy(fit.net.state_dict())
+        stop = None
+        if main:
+            try:
+                if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                    metrics.update(validate_translator(fit.translator, family, val, data, device))
+                    if metrics["val_acc_mean"] > best["val_acc_mean"]:
+                        best = {k: metrics[k] for k in ("val_acc_mean", "val_acc_min", "val_acc_max")}
+                        best["epoch"] = float(epoch)
+                        best_state = copy.deepcopy(fit.net.state_dict())
+                bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in ("train_loss", "val_acc_mean")})
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+            except BaseException as e:  # e.g. a pruned trial: every rank leaves the loop after this epoch
+                stop = e
         history.append(metrics)
-        bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in ("train_loss", "val_acc_mean")})
-        if on_epoch is not None and main:
-            on_epoch(epoch, metrics)
+        if any_rank(stop is not None):
+            raise stop if stop is not None else StoppedByMain(f"rank 0 stopped the training after epoch {epoch}.")
     if best_state is not None:
         fit.net.load_state_dict(best_state)
     fit.net.eval()
