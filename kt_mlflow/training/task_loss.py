@@ -105,7 +105,8 @@ class TaskLoss:
         def members(t: torch.Tensor) -> torch.Tensor:  # (k, n, C, H, W) -> (n, k*C, H, W)
             return t.transpose(0, 1).reshape(n_images, -1, *t.shape[3:]).contiguous(memory_format=torch.channels_last)
 
-        pre = self.pre[idx][:, pick]                                                    # (k, n, C, H, W)
+        rows = (idx[:, None], pick[None, :])   # gather the k x n bank entries, not k whole banks
+        pre = self.pre[rows]                                                            # (k, n, C, H, W)
         last = {a: b[idx] for a, b in self.last.items()}
         if self.context > 0:
             c = pre.shape[2]
@@ -119,8 +120,8 @@ class TaskLoss:
         out = functional_call(net.block, fold_members(small), (feats,), {"stride": self.stride})
         student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:
-            target = members(self.outs[idx][:, pick])
-            teacher = self.teacher[idx][:, pick].transpose(0, 1).reshape(n_images * k, -1)
+            target = members(self.outs[rows])
+            teacher = self.teacher[rows].transpose(0, 1).reshape(n_images * k, -1)
         else:
             with torch.no_grad():
                 target = functional_call(self._teacher_block(k), fold_members(large), (feats,), {"stride": self.stride})
