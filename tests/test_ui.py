@@ -281,11 +281,12 @@ def test_registered_translator_has_a_description_and_the_candidate_alias(made, b
 
 def test_logged_model_names_its_translator_folder_and_no_temporary_path(made, browser):
     browser.goto(page(made, f"experiments/{made['exp']}/models/{made['model_id']}/artifacts"))
-    browser.wait_for("translator", "MLmodel", "artifacts", shot="logged-model")
-    browser.click("artifacts")
-    browser.wait_for("translator_pyfunc.py", shot="logged-model-tree")
+    browser.wait_for("translator", "MLmodel", "data", shot="logged-model")
+    browser.click("data")
+    browser.wait_for("translator", shot="logged-model-tree")
     browser.click("MLmodel")
-    text = browser.wait_for("python_function", "artifacts/translator", shot="logged-model-mlmodel")
+    text = browser.wait_for("python_function", "kt_mlflow.tracking.pyfunc_loader", "data/translator",
+                            shot="logged-model-mlmodel")
     # The installed package's own path (model_code_path) may lie anywhere, a temp folder in CI included.
     text = text.replace(str(Path(kt_mlflow.__file__).resolve().parents[1]), "<package>")
     assert not re.search(r"/tmp\w*/|\btmp[a-z0-9_]{6,}\b", text), "a temporary folder shows in the MLmodel"

@@ -11,23 +11,23 @@ import os
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import mlflow
 import numpy as np
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from ..blocks import flatten_block
 from ..errors import KTError, first_line
 from ..translators import Translator
+from .pyfunc_loader import LOADER
 
-PYFUNC_CODE = str(Path(__file__).with_name("translator_pyfunc.py"))
-ARTIFACT = "translator"      # the logged model's name (runs:/ID/translator) and its artifacts/translator folder
+ARTIFACT = "translator"      # the logged model's name (runs:/ID/translator) and its data folder
 CANDIDATE = "candidate"      # alias of the version `kt train` registered last (MLflow reserves "latest")
 
 
@@ -35,9 +35,15 @@ def default_name(family: str, arch: str) -> str:
     return f"kt-{family}-{arch}"
 
 
+def _is_path(text: str) -> bool:
+    """A local model folder only when given as a path; registered names hold no '/'."""
+    return text.startswith(("/", ".", "~")) or os.sep in text
+
+
 def model_uri(name_or_uri: str) -> str:
-    """A bare name means its newest version; ``@latest`` is spelled the way MLflow resolves it."""
-    if "://" in name_or_uri or name_or_uri.startswith(("models:/", "runs:/")) or Path(name_or_uri).is_dir():
+    """A bare name is a registered model (its newest version), even where a folder of that name exists;
+    ``@latest`` is spelled the way MLflow resolves it."""
+    if "://" in name_or_uri or name_or_uri.startswith(("models:/", "runs:/")) or _is_path(name_or_uri):
         uri = name_or_uri
     else:
         uri = f"models:/{name_or_uri}/latest"
@@ -49,19 +55,6 @@ def model_uri(name_or_uri: str) -> str:
 def _requirements() -> list:
     pins = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "mlflow", "safetensors", "numpy")]
     return pins + [f"kt-mlflow=={metadata.version('kt-mlflow')}"]
-
-
-def _save_pyfunc(path: str, mlflow_model: Model, **kwargs: Any) -> None:
-    """``mlflow.pyfunc.save_model``, then the MLmodel records the translator folder by where it lies in the
-    model (``artifacts/translator``) instead of the temporary folder it was copied from (the UI shows it)."""
-    mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-    for info in mlflow_model.flavors.get("python_function", {}).get("artifacts", {}).values():
-        info["uri"] = info["path"]
-    mlflow_model.save(os.path.join(path, "MLmodel"))
-
-
-# The flavor module Model.log saves with: mlflow.pyfunc, but for the MLmodel tidied as above.
-_PYFUNC_FLAVOR = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
 
 
 def log_translator(translator: Translator, example_large: Dict[str, torch.Tensor], registered_name: Optional[str],
@@ -78,15 +71,12 @@ def log_translator(translator: Translator, example_large: Dict[str, torch.Tensor
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1]))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_out))]))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / ARTIFACT  # its name is the folder's name inside the model: artifacts/translator
+        folder = Path(tmp) / ARTIFACT  # copied into the model as its data folder, "translator"
         folder.mkdir()
         translator.save(folder)
-        # mlflow.pyfunc.log_model is Model.log with the flavor mlflow.pyfunc; ours only tidies the MLmodel.
-        info = Model.log(
-            artifact_path=None, name=ARTIFACT, flavor=_PYFUNC_FLAVOR, flavor_name="pyfunc.ModelFromCode",
-            python_model=PYFUNC_CODE, artifacts={ARTIFACT: str(folder)}, signature=signature, input_example=example,
-            pip_requirements=_requirements(), registered_model_name=registered_name,
-            metadata={"kt": translator.config()},
+        info = mlflow.pyfunc.log_model(
+            name=ARTIFACT, loader_module=LOADER, data_path=str(folder), signature=signature, input_example=example,
+            pip_requirements=_requirements(), registered_model_name=registered_name, metadata={"kt": translator.config()},
         )
     if not registered_name:
         return None
@@ -153,16 +143,30 @@ def load_translator(name_or_uri: str, device: str = "cpu") -> Translator:
     """
     uri = model_uri(name_or_uri)
     try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
-    except MlflowException as e:
+        remote = "://" in uri or uri.startswith(("models:/", "runs:/"))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)) if remote else Path(uri).expanduser()
+    except (MlflowException, OSError) as e:
         raise KTError(f"no translator at {uri} on tracking server {mlflow.get_tracking_uri()} "
                       f"({first_line(e)}); train one with `kt train --registered-name NAME`.") from None
-    model = pyfunc.unwrap_python_model()
-    translator = getattr(model, "translator", None)
-    if not isinstance(translator, Translator):
-        raise KTError(f"{uri} is not a kt-mlflow translator model; pass a model logged by `kt train`.")
-    translator.net.to(device)
-    return translator
+    return Translator.load(translator_data(local, uri), device=device)
+
+
+def translator_data(model: Path, uri: str) -> Path:
+    """The folder of ``translator.json`` and ``translator.safetensors`` inside a logged model, read from
+    its MLmodel as data: no code the model carries is imported, whatever its MLmodel names."""
+    try:
+        flavor = yaml.safe_load((model / "MLmodel").read_text())["flavors"]["python_function"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise KTError(f"{uri} is not an MLflow model with a python_function flavor; pass a model logged "
+                      f"by `kt train`.") from None
+    # Translators logged as models from code (earlier kt-mlflow) keep the same two files as the artifact
+    # "translator"; their code is never run here.
+    rel = flavor.get("data") or (flavor.get("artifacts") or {}).get(ARTIFACT, {}).get("path")
+    data = (model / str(rel)).resolve() if rel else None
+    if data is None or not data.is_relative_to(model.resolve()) or not (data / "translator.json").is_file():
+        raise KTError(f"{uri} is not a kt-mlflow translator model (no translator.json in its data); pass a "
+                      f"model logged by `kt train`.")
+    return data
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
