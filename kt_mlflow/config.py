@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from .errors import KTError
 from .family_file import looks_like_file
+from .io import check_output_file, check_output_folder
 from .paths import pairs_folder
 from .recipes import RECIPES, get_recipe
 
@@ -142,6 +143,8 @@ class GenerateConfig(DataOptions):
             raise KTError(f"--start-index {self.start_index} is past the last pair ({self.n_pairs + self.n_val - 1}).")
         if not self.lr > 0:
             raise KTError(f"--lr must be > 0, got {self.lr}.")
+        if self.output:
+            check_output_folder(Path(self.output), "--output")
 
     def as_params(self) -> Dict[str, Any]:
         return {**asdict(self), "output": self.folder()}
@@ -355,3 +358,14 @@ class CompressConfig(StepConfig):
     block: Optional[str] = option(None, "module path of the block to translate in any checkpoint, e.g. layer1.0 "
                                         "(its other tensors kept; the small block's family written beside --output)")
     device: str = option("cpu", "cpu or cuda[:N]")
+
+    def validate(self) -> None:
+        super().validate()
+        check_output_file(Path(self.output), "--output")
+        if self.block:
+            check_output_file(family_file_of(self.output), "the family file")
+
+
+def family_file_of(output: str) -> Path:
+    """Where ``kt compress --block`` writes the small block's family: beside the compressed checkpoint."""
+    return Path(f"{output}.family.yaml")

@@ -117,6 +117,8 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "pairs"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a pair file")          # never uploaded with the pairs
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "generate", "--env-manager", "local",
            "--experiment-name", "gen-test", "-P", f"output={out}", "-P", "n_pairs=2", "-P", "n_val=1",
            "-P", "members=3", "-P", "epochs=1", "-P", "small_epochs=1", "-P", "workers=1",
@@ -136,7 +138,8 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     assert inp.dataset.digest == manifest["digest"] and inp.dataset.source_type == "kt_pairs"
     assert run.data.tags["kt.version"] == "0.1.0"  # run-context-provider plugin
     names = {a.path for a in client.list_artifacts(run.info.run_id, "pairs")}
-    assert "pairs/manifest.json" in names and any(n.endswith(".safetensors") for n in names)
+    assert names == {f"pairs/{n}" for n in ("manifest.json", "train-00000000-00000001.safetensors",
+                     "train-00000000-00000001.json", "val-00000000-00000000.safetensors", "val-00000000-00000000.json")}
     # a later step takes the pairs from the run id
     from kt_mlflow.tracking.datasets import resolve_pairs
     folder = resolve_pairs(run.info.run_id)

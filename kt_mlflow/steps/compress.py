@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..blocks import family_spec
-from ..config import CompressConfig
+from ..config import CompressConfig, family_file_of
 from ..errors import KTError
 from ..io import atomic_write
 from ..tracking.models import load_translator
@@ -63,7 +63,7 @@ def compress_block_file(model: str, network: Path, block: str, output: Path, dev
     translator = load_translator(model, device)
     new = compress_checkpoint(state, block, translator)
     save_state_dict(new, output)
-    family_file = output.with_name(output.name + ".family.yaml")
+    family_file = family_file_of(str(output))
     atomic_write(family_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(family_spec(translator.family),
                                                                              sort_keys=False)))
     before, after = sum(v.numel() for v in state.values()), sum(v.numel() for v in new.values())

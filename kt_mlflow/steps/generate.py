@@ -5,8 +5,12 @@ the run, and logs the shards, the manifest and the dataset input once every rank
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import mlflow
 
@@ -42,7 +46,26 @@ def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, neste
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))},
                            step=summary["pairs_made"])
         mlflow.set_tag("kt.pairs_digest", summary["digest"])
-        mlflow.log_artifacts(folder, PAIRS_ARTIFACT)
+        log_pair_files(Path(folder))
         uri = f"runs:/{run.info.run_id}/{PAIRS_ARTIFACT}"
         mlflow.log_input(PairDataset(Path(folder), source=PairShardSource(uri)), context="generated")
         return run.info.run_id
+
+
+def pair_files(folder: Path) -> List[str]:
+    """The files of a pair set, by its manifest: each shard, its sidecar and the manifest itself."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shards = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+    return [*shards, *(Path(f).with_suffix(".json").name for f in shards), "manifest.json"]
+
+
+def log_pair_files(folder: Path) -> None:
+    """Log the pair set's own files as the run's ``pairs`` artifacts, and nothing else the folder holds
+    (linked into a staging folder beside it, copied where links cannot be made)."""
+    with tempfile.TemporaryDirectory(prefix=".kt-log-", dir=folder.parent) as tmp:
+        for name in pair_files(folder):
+            try:
+                os.link(folder / name, Path(tmp) / name)
+            except OSError:
+                shutil.copy2(folder / name, Path(tmp) / name)
+        mlflow.log_artifacts(tmp, PAIRS_ARTIFACT)
