@@ -145,3 +145,67 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     folder = resolve_pairs(run.info.run_id)
     assert len(load_split(folder, "train")) == 2
     assert mlflow.get_tracking_uri() == use_server
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """Two training shards and one validation shard, made once; tests work on copies."""
+    out = tmp_path_factory.mktemp("verified") / "p"
+    summary = generate_pairs(GenerateConfig(output=str(out), n_pairs=4, n_val=2, members=2, **QUICK))
+    return out, summary["digest"]
+
+
+def _copy(small_set, tmp_path):
+    import shutil
+
+    shutil.copytree(small_set[0], tmp_path / "p")
+    return tmp_path / "p", GenerateConfig(output=str(tmp_path / "p"), n_pairs=4, n_val=2, members=2, **QUICK)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_resume_verifies_skipped_shards_and_rebuilds_bad_ones(small_set, tmp_path, damage):
+    out, cfg = _copy(small_set, tmp_path)
+    shard = out / "train-00000002-00000003.safetensors"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(data[:-64]))
+    else:
+        shard.unlink()                                   # its sidecar kept
+    (out / ".train-00000000-00000001.safetensors.abc123.tmp").write_bytes(b"half a write")
+    summary = generate_pairs(cfg)
+    assert summary["pairs_made"] == 2 and summary["pairs_skipped"] == 4     # only the bad shard again
+    assert summary["digest"] == small_set[1]
+    assert not list(out.glob(".*.tmp"))                  # a killed write's leftovers are gone
+
+
+def test_the_loader_names_a_hole_and_a_sidecar_pointing_elsewhere(small_set, tmp_path):
+    out, _ = _copy(small_set, tmp_path)
+    for suffix in (".json", ".safetensors"):
+        (out / f"train-00000000-00000001{suffix}").unlink()
+    with pytest.raises(KTError, match=r"train pairs 0\.\.1 are missing from .*rerun `kt generate`"):
+        load_split(out, "train")
+    out, _ = _copy(small_set, tmp_path / "b")
+    for suffix in (".json", ".safetensors"):
+        (out / f"train-00000002-00000003{suffix}").unlink()
+    with pytest.raises(KTError, match=r"train pairs 2\.\.3 are missing .*its manifest records 4"):
+        load_split(out, "train")
+    out, _ = _copy(small_set, tmp_path / "c")
+    sidecar = out / "val-00000000-00000001.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "file": "../../elsewhere.safetensors"}))
+    with pytest.raises(KTError, match="names '../../elsewhere.safetensors', not its own shard"):
+        load_split(out, "val")
+
+
+def test_resume_reads_the_sidecars_once(small_set, tmp_path, monkeypatch):
+    import kt_mlflow.pairs.generate as gen
+
+    out, cfg = _copy(small_set, tmp_path)
+    calls = []
+    real = gen.sidecars
+    monkeypatch.setattr(gen, "sidecars", lambda folder, split: calls.append(split) or real(folder, split))
+    assert generate_pairs(cfg)["pairs_made"] == 0
+    assert calls == ["train", "val"]

@@ -24,7 +24,7 @@ from ..blocks import BlockFamily, family_spec, is_registered
 from ..config import GenerateConfig
 from ..distributed import all_sum, barrier, world
 from ..errors import KTError
-from .store import check_settings, sidecars, write_manifest, write_shard
+from .store import check_settings, remove_shard, remove_stale_temporaries, shard_is_whole, sidecars, write_manifest, write_shard
 from .workers import ShardTrainer
 
 VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs
@@ -56,18 +56,30 @@ def plan_shards(cfg: GenerateConfig) -> List[Tuple[str, int, int]]:
     return plan
 
 
-def _finished(folder: Path, split: str, first: int, n: int) -> bool:
-    """True if exactly this shard exists; a different shard covering these indices is an error."""
-    for meta in sidecars(folder, split):
-        lo, hi = meta["first"], meta["first"] + meta["count"]
-        if (lo, hi) == (first, first + n) and (folder / meta["file"]).is_file():
-            return True
-        if lo < first + n and first < hi:
-            raise KTError(
-                f"{folder / meta['file']} covers some of pairs {first}..{first + n - 1} with other bounds; "
-                f"rerun with the --members/--start-index used before, or another --output."
-            )
-    return False
+def _done(folder: Path, plan: List[Tuple[str, int, int]]) -> set:
+    """The planned shards already on disk and whole (read once: linear in the shards).
+
+    A shard whose file is missing, truncated or altered is removed with its sidecar, so it is made
+    again; a shard covering planned indices with other bounds is an error."""
+    metas = {split: sidecars(folder, split) for split in ("train", "val")}
+    by_bounds = {(split, m["first"], m["count"]): m for split, ms in metas.items() for m in ms}
+    done = set()
+    for split, first, n in plan:
+        meta = by_bounds.get((split, first, n))
+        if meta is not None:
+            if shard_is_whole(folder, meta):
+                done.add((split, first, n))
+            else:
+                remove_shard(folder, meta)
+            continue
+        for other in metas[split]:
+            lo, hi = other["first"], other["first"] + other["count"]
+            if lo < first + n and first < hi:
+                raise KTError(
+                    f"{folder / other['file']} covers some of pairs {first}..{first + n - 1} with other bounds; "
+                    f"rerun with the --members/--start-index used before, or another --output."
+                )
+    return done
 
 
 def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
@@ -82,9 +94,13 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     check_settings(folder, settings)
 
     rank = world()
+    if rank.is_main:
+        remove_stale_temporaries(folder)
+    barrier()   # before any rank writes: a temporary file from now on is a live one
     plan = plan_shards(cfg)[rank.rank::rank.size]
+    done = _done(folder, plan)
     todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
-            for split, first, n in plan if not _finished(folder, split, first, n)}
+            for split, first, n in plan if (split, first, n) not in done}
     epochs = cfg.schedule.epochs + cfg.schedule.small_epochs
     bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", dynamic_ncols=True,
                desc="generate" if not rank.distributed else f"generate rank {rank.rank}", position=rank.local_rank)

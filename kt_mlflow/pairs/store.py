@@ -63,7 +63,7 @@ def write_shard(folder: Path, split: str, first: int, tensors: Mapping[str, torc
     atomic_write(shard, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
     atomic_write_json(folder / f"{name}.json", {
         "split": split, "first": first, "count": len(records), "file": shard.name,
-        "sha256": sha256_file(shard), "settings": dict(settings), "pairs": records,
+        "sha256": sha256_file(shard), "size": shard.stat().st_size, "settings": dict(settings), "pairs": records,
     })
     return shard
 
@@ -87,6 +87,41 @@ def sidecars(folder: Path, split: str) -> List[Dict[str, object]]:
     return out
 
 
+def shard_is_whole(folder: Path, meta: Mapping[str, object]) -> bool:
+    """The sidecar's shard is there, inside the folder, with the size and checksum it recorded."""
+    shard = _shard_path(folder, meta)
+    if shard is None or not shard.is_file():
+        return False
+    if "size" in meta and shard.stat().st_size != meta["size"]:
+        return False
+    return sha256_file(shard) == meta["sha256"]
+
+
+def remove_shard(folder: Path, meta: Mapping[str, object]) -> None:
+    """Delete a bad shard's sidecar (first: the shard no longer counts), then the shard itself."""
+    name = _own_name(meta)
+    for path in (folder / f"{name}.json", folder / f"{name}.safetensors"):
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove the temporary files that killed writes left (``.NAME.XXXX.tmp``); returns how many."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def _own_name(meta: Mapping[str, object]) -> str:
+    first = int(meta["first"])
+    return shard_name(str(meta["split"]), first, first + int(meta["count"]) - 1)
+
+
+def _shard_path(folder: Path, meta: Mapping[str, object]) -> Optional[Path]:
+    """The shard a sidecar names, or None unless that is the shard's own name (never a path elsewhere)."""
+    return Path(folder) / f"{_own_name(meta)}.safetensors" if meta.get("file") == f"{_own_name(meta)}.safetensors" else None
+
+
 def check_settings(folder: Path, settings: Mapping[str, object]) -> None:
     """Refuse to mix pairs made under different settings in one folder."""
     for split in SPLITS:
@@ -106,10 +141,14 @@ def load_split(folder: Path, split: str, device: Optional[torch.device] = None) 
     metas = sidecars(folder, split)
     if not metas:
         raise KTError(f"no {split} pair shards in {folder}; run `kt generate --output {folder}` first.")
+    _check_complete(folder, split, metas)
     parts: Dict[str, List[torch.Tensor]] = {}
     records: List[Dict[str, object]] = []
     for meta in metas:
-        shard = folder / meta["file"]
+        shard = _shard_path(folder, meta)
+        if shard is None:
+            raise KTError(f"sidecar {_own_name(meta)}.json in {folder} names {meta.get('file')!r}, not its own shard; "
+                          f"delete it and rerun generate.")
         if not shard.is_file():
             raise KTError(f"pair shard {shard} is missing but listed by its sidecar; rerun generate to rebuild it.")
         if sha256_file(shard) != meta["sha256"]:
@@ -123,6 +162,25 @@ def load_split(folder: Path, split: str, device: Optional[torch.device] = None) 
         records.extend(meta["pairs"])
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     return PairSet(metas[0]["settings"], tensors, records)
+
+
+def _check_complete(folder: Path, split: str, metas: List[Dict[str, object]]) -> None:
+    """Every index of the split from 0 on, up to what the manifest recorded: a hole is named."""
+    expected = 0
+    for meta in metas:
+        if meta["first"] != expected:
+            raise KTError(f"{split} pairs {expected}..{meta['first'] - 1} are missing from {folder}; rerun "
+                          f"`kt generate` with its settings and --output {folder} to make them.")
+        expected = meta["first"] + meta["count"]
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text())["splits"][split]["count"]
+        except (ValueError, KeyError, TypeError):
+            raise KTError(f"{manifest} is corrupt; rerun `kt generate` with --output {folder} to rebuild it.") from None
+        if recorded > expected:
+            raise KTError(f"{split} pairs {expected}..{recorded - 1} are missing from {folder} (its manifest "
+                          f"records {recorded}); rerun `kt generate` with its settings and --output {folder}.")
 
 
 def digest(folder: Path) -> str:
