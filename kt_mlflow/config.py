@@ -141,8 +141,10 @@ class GenerateConfig(DataOptions):
             raise KTError("nothing to generate: set --n-pairs and/or --n-val above 0.")
         if self.start_index >= self.n_pairs + self.n_val:
             raise KTError(f"--start-index {self.start_index} is past the last pair ({self.n_pairs + self.n_val - 1}).")
-        if not self.lr > 0:
-            raise KTError(f"--lr must be > 0, got {self.lr}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise KTError(f"--lr must be a finite number > 0, got {self.lr}.")
+        if not (0 <= self.momentum < 1):
+            raise KTError(f"--momentum must be in [0, 1), got {self.momentum}.")
         if self.output:
             check_output_folder(Path(self.output), "--output")
 
@@ -217,8 +219,8 @@ class TrainConfig(DataOptions, ArchOptions):
         _check_min(self, "noise_std", 0)
         if not 0.0 <= self.mask_ratio < 1.0:
             raise KTError(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}.")
-        if not self.lr > 0:
-            raise KTError(f"--lr must be > 0, got {self.lr}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise KTError(f"--lr must be a finite number > 0, got {self.lr}.")
 
     def as_params(self) -> Dict[str, Any]:
         return {**asdict(self), **get_recipe(self.recipe).as_params(), "arch": self.resolved_arch}

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Collection, Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -132,20 +132,23 @@ class BlockFamily:
 
     def check_block_state(self, state: Mapping[str, torch.Tensor], which: str) -> None:
         """One-line errors for a state dict that is not this family's ``which`` block."""
-        block = self.prototype(which)
-        check_state(state, {k: tuple(v.shape) for k, v in block.state_dict().items()}, f"a {self.name} {which} block",
-                    "translate a trained, finite block of this family", extra_ok=True)
+        ref = self.prototype(which).state_dict()
+        check_state(state, {k: tuple(v.shape) for k, v in ref.items()}, f"a {self.name} {which} block",
+                    "translate a trained, finite block of this family", extra_ok=True,
+                    floats={k for k, v in ref.items() if v.is_floating_point()})
 
     def check_network_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """One-line errors for a state dict that is not a trained base network of this family."""
-        shapes = {k: tuple(v.shape) for k, v in self.base_network().state_dict().items()}
-        check_state(state, shapes, f"a {self.name} base network",
-                    f"build it with kt_mlflow.create_family({self.name!r}).base_network()")
+        ref = self.base_network().state_dict()
+        check_state(state, {k: tuple(v.shape) for k, v in ref.items()}, f"a {self.name} base network",
+                    f"build it with kt_mlflow.create_family({self.name!r}).base_network()",
+                    floats={k for k, v in ref.items() if v.is_floating_point()})
 
 
 def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Tuple[int, ...]], what: str, fix: str,
-                extra_ok: bool = False) -> None:
-    """The one state check: missing or unexpected keys, wrong shapes, NaN/inf, each a one-line KTError.
+                extra_ok: bool = False, floats: Collection[str] = ()) -> None:
+    """The one state check: missing or unexpected keys, wrong shapes, NaN/inf, and (for ``floats``) a dtype
+    other than a real float, each a one-line KTError: nothing is cast silently.
 
     Example:
         >>> check_state({"w": torch.zeros(2)}, {"w": (3,)}, "a toy block", "pass three weights")
@@ -160,6 +163,9 @@ def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Tuple[in
     for k, shape in shapes.items():
         if tuple(state[k].shape) != tuple(shape):
             raise KTError(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(shape)} for {what}; {fix}.")
+        if k in floats and not state[k].is_floating_point():
+            raise KTError(f"{k} is {str(state[k].dtype).replace('torch.', '')}, expected real floating-point weights "
+                          f"for {what}; {fix}.")
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise KTError(f"{k} contains NaN or inf; {fix}.")
 

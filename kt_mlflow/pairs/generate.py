@@ -82,6 +82,13 @@ def _done(folder: Path, plan: List[Tuple[str, int, int]]) -> set:
     return done
 
 
+def _check_finite(tensors: Dict[str, torch.Tensor], split: str, first: int, n: int) -> None:
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise KTError(f"{split} pairs {first}..{first + n - 1} trained to non-finite {bad[0]}; nothing of them is "
+                      f"written: lower --lr (the shards made so far are kept).")
+
+
 def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     """Generate (or resume) this worker's shards into ``cfg.output``; returns a summary dict."""
     cfg.validate()
@@ -118,6 +125,7 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
                  "small_acc": round(float(out["small_acc"][i]), 4)}
                 for i in range(n)
             ]
+            _check_finite(tensors, split, first, n)
             write_shard(folder, split, first, tensors, records, settings)
             made += n
             if on_shard is not None:

@@ -16,7 +16,7 @@ from ..distributed import world
 from ..tracking.datasets import load_pair_splits, log_image_input, log_pair_input
 from ..tracking.models import CANDIDATE, default_name, log_translator
 from ..tracking.runs import log_family, step_run
-from ..training.train import train_translator
+from ..training.train import check_finite, train_translator
 
 
 def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
@@ -41,6 +41,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
         log_image_input(data, cfg.dataset, cfg.data_root, "task")
         result = train_translator(cfg, family, train, val, data,
                                   on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch))
+        check_finite(result.translator)   # a diverged translator is never registered
         mlflow.log_metrics({f"best_{k}": v for k, v in result.best.items()})
         example = {k: v[:1] for k, v in val.part("large").items()}
         tags = {"kt.val_acc_mean": f"{result.best['val_acc_mean']:.2f}", "kt.recipe": cfg.recipe,

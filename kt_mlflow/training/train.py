@@ -233,6 +233,14 @@ class TranslatorFit:
         return metrics
 
 
+def check_finite(translator: Translator) -> None:
+    """Refuse a translator with a NaN or inf weight (one line), e.g. after a run that diverged."""
+    bad = sorted(k for k, v in translator.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise KTError(f"the trained translator's {bad[0]} is not finite, so it is not registered; lower --lr or "
+                      f"the augmentation strength and train again.")
+
+
 def validate_translator(translator: Translator, family: BlockFamily, val: PairSet, data,
                         device: torch.device) -> Dict[str, float]:
     """Mean, min and max test accuracy of the ``val`` networks with their large blocks translated."""
@@ -279,6 +287,8 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
         history.append(metrics)
         if any_rank(stop is not None):
             raise stop if stop is not None else StoppedByMain(f"rank 0 stopped the training after epoch {epoch}.")
+    if main and best_state is None:
+        raise NonFiniteLoss("no validation gave a finite accuracy; the translator diverged: lower --lr and train again.")
     if best_state is not None:
         fit.net.load_state_dict(best_state)
     fit.net.eval()

@@ -92,6 +92,10 @@ class Translator:
         """One large block's state dict -> one small block's state dict."""
         self.family.check_block_state(large_block_state, "large")
         out = self.translate_batch({k: v[None] for k, v in large_block_state.items()})
+        bad = sorted(k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if bad:
+            raise KTError(f"the translated small block's {bad[0]} is not finite: the large block's weights lie far "
+                          f"outside those the translator was trained on; compress a trained block of this family.")
         return {k: v[0].contiguous() for k, v in out.items()}
 
     def compress(self, network: nn.Module) -> KTNetwork:
