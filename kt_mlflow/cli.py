@@ -141,6 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg.validate()
         if world().distributed and not step.distributed:
             raise KTError("runs in one process; start it without torchrun (generate, train and sweep take torchrun).")
+        if (step.tracked or args.command == "compress") and world().is_main:
+            from .tracking.server import check_tracking_server
+
+            check_tracking_server()
         run = _runner(step)
         with process_group():
             result = run(cfg, experiment=args.experiment_name) if step.tracked else run(cfg)
