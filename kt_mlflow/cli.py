@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__
-from .config import CompressConfig, EvaluateConfig, GenerateConfig, MainConfig, SweepConfig, TrainConfig
+from .config import CompressConfig, EvaluateConfig, GenerateConfig, MainConfig, RegisterConfig, SweepConfig, TrainConfig
 from .distributed import process_group, world
 from .errors import KTError
 
@@ -45,6 +45,9 @@ STEPS: Dict[str, Step] = {
                   "Optuna study over translators; workers with the same study and storage cooperate",
                   "kt sweep --pairs <generate run id> --n-trials 8 --storage postgresql://USER@HOST/DB",
                   distributed=True),
+    "register": Step(RegisterConfig, "steps.register:run_register",
+                     "log and register a translator saved on disk (one kt train kept when it could not log it)",
+                     "kt register --translator ~/.cache/kt-mlflow/translators/NAME-TIME"),
     "main": Step(MainConfig, "steps.main:run_main", "the quickstart: generate -> train -> evaluate as child runs",
                  "kt main"),
     "compress": Step(CompressConfig, "steps.compress:run_compress",

@@ -352,6 +352,21 @@ class MainConfig(DataOptions):
 
 
 @dataclass
+class RegisterConfig(StepConfig):
+    """Log and register a translator saved on disk (e.g. one ``kt train`` kept when it could not log it)."""
+
+    translator: str = option("", "folder holding translator.json and translator.safetensors")
+    registered_name: Optional[str] = option(None, "registered model name (default: the one saved with it, "
+                                                  "else kt-<family>-<arch>)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.translator or not (Path(self.translator) / "translator.json").is_file():
+            raise KTError(f"--translator {self.translator} holds no translator.json; pass the folder "
+                          f"`kt train` printed (or one written by Translator.save).")
+
+
+@dataclass
 class CompressConfig(StepConfig):
     model: str = option(help="registered name, models:/NAME@alias, or runs:/ID/translator")
     input: str = option(help="state dict of a trained base network, or with --block any checkpoint "

@@ -38,3 +38,10 @@ def pairs_folder(settings: Mapping[str, Any], family: str, dataset: str) -> Path
 def default_storage() -> str:
     """The sweep's default Optuna storage: one SQLite file in the data home."""
     return f"sqlite:///{data_home() / 'optuna.db'}"
+
+
+def kept_translator_folder(name: str) -> Path:
+    """Where ``kt train`` keeps a trained translator it could not log: ``<data home>/translators/NAME-<time>``."""
+    import time
+
+    return data_home() / "translators" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -5,6 +5,8 @@ logs and registers.
 """
 from __future__ import annotations
 
+import shutil
+import sys
 from typing import Optional, Tuple
 
 import mlflow
@@ -13,10 +15,12 @@ from ..blocks import family_of
 from ..config import TrainConfig, default_pairs
 from ..data import load_for
 from ..distributed import world
+from ..errors import KTError, first_line
 from ..tracking.datasets import load_pair_splits, log_image_input, log_pair_input
 from ..tracking.models import CANDIDATE, default_name, log_translator
 from ..tracking.runs import log_family, step_run
 from ..training.train import check_finite, train_translator
+from .register import keep_translator
 
 
 def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
@@ -39,16 +43,43 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
         log_family(family)
         log_pair_input(folder, pairs, "training")
         log_image_input(data, cfg.dataset, cfg.data_root, "task")
-        result = train_translator(cfg, family, train, val, data,
-                                  on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch))
+        result = train_translator(cfg, family, train, val, data, on_epoch=_EpochLog())
         check_finite(result.translator)   # a diverged translator is never registered
-        mlflow.log_metrics({f"best_{k}": v for k, v in result.best.items()})
-        example = {k: v[:1] for k, v in val.part("large").items()}
+        best = {f"best_{k}": v for k, v in result.best.items()}
         tags = {"kt.val_acc_mean": f"{result.best['val_acc_mean']:.2f}", "kt.recipe": cfg.recipe,
                 "kt.run_id": run.info.run_id}
-        version = log_translator(result.translator, example, name, tags=tags, alias=CANDIDATE)
+        # Kept on disk before MLflow is asked again: if the server went away, the training is not lost.
+        kept = keep_translator(result.translator, name, tags, best)
+        try:
+            mlflow.log_metrics(best)
+            example = {k: v[:1] for k, v in val.part("large").items()}
+            version = log_translator(result.translator, example, name, tags=tags, alias=CANDIDATE)
+        except Exception as e:
+            message = (f"the trained translator could not be logged ({first_line(e)}); it is kept in {kept}: "
+                       f"log it later with `kt register --translator {kept}`")
+            print(f"kt train: error: {message}", file=sys.stderr, flush=True)   # before MLflow retries closing the run
+            raise KTError(message) from None
+        shutil.rmtree(kept, ignore_errors=True)
         print(f"train: best validation accuracy {result.best['val_acc_mean']:.2f}% "
               f"(min {result.best['val_acc_min']:.2f}, max {result.best['val_acc_max']:.2f}) at epoch "
               f"{int(result.best['epoch'])}; registered {name} version {version} as @{CANDIDATE} "
               f"(load it with kt_mlflow.load_translator('models:/{name}@{CANDIDATE}'))")
         return run.info.run_id, version
+
+
+class _EpochLog:
+    """Logs each epoch's metrics; after the first failure (the server went away) it warns once and lets
+    training go on, so the translator can still be kept."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def __call__(self, epoch: int, metrics) -> None:
+        if self.failed:
+            return
+        try:
+            mlflow.log_metrics(metrics, step=epoch)
+        except Exception as e:
+            self.failed = True
+            print(f"kt train: warning: could not log epoch {epoch}'s metrics ({first_line(e)}); training goes on, "
+                  f"and the translator is kept on disk if it cannot be logged either", file=sys.stderr, flush=True)
