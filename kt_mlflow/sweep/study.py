@@ -29,8 +29,15 @@ STATE_TAG, REASON_TAG = "kt.trial_state", "kt.trial_reason"
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password, for messages and params."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The storage URL without its credentials (the password of its user info, and query-string values
+    such as ``password=`` or ``sslkey=``), for messages and params.
+
+    Example:
+        >>> redact("postgresql://me:pw@db/optuna?password=pw2&sslmode=require")
+        'postgresql://me:***@db/optuna?password=***&sslmode=require'
+    """
+    url = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"([?&][^=&]*(?:pass|pwd|secret|token|key|cred)[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def _mark_mlflow_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -103,6 +110,12 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
     except Exception as e:  # sqlalchemy.exc.OperationalError / ArgumentError and friends
         raise KTError(f"cannot reach Optuna storage {shown} ({first_line(e, 200)}); check --storage "
                       f"(host, port, database, user) and that the database server is running.") from None
+
+
+def sampler_seed(seed: int, worker: int, trials_so_far: int) -> int:
+    """A worker's sampler seed: its own, and a new one for each state of the study it joins, so that a
+    restarted worker goes on sampling instead of replaying the parameters it drew before."""
+    return seed + worker + 1_000_003 * trials_so_far
 
 
 def make_sampler(name: str, seed: Optional[int]) -> optuna.samplers.BaseSampler:
