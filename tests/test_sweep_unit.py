@@ -235,3 +235,26 @@ def test_a_restarted_worker_goes_on_sampling_instead_of_replaying(pairs, trackin
     first, second = optuna.load_study(study_name="restart", storage=storage).trials
     assert first.params != second.params
     assert st.sampler_seed(0, 0, 0) == 0 and st.sampler_seed(0, 0, 1) != st.sampler_seed(0, 0, 0)
+
+
+def test_stale_trials_are_failed_when_a_worker_starts_and_stops(pairs, tracking, tmp_path, monkeypatch):
+    import time
+
+    import kt_mlflow.steps.sweep as sweep_step
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    db = st.open_storage(storage, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="stale", storage=db, direction="maximize")
+    dead = study.ask()                                  # a trial whose worker died: one heartbeat, then none
+    db.record_heartbeat(dead._trial_id)
+    time.sleep(3)
+    st.fail_stale(study)
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+    calls, real = [], st.fail_stale
+    monkeypatch.setattr(sweep_step.st, "fail_stale", lambda s: calls.append(len(s.trials)) or real(s))
+    run_sweep(SweepConfig(**{**TINY, "epochs_min": 1, "epochs_max": 1}, pairs=str(pairs), study_name="stale",
+                          storage=storage, n_trials=1, heartbeat_interval=1, grace_period=2, pruner="none"),
+              experiment="sweep-stale")
+    assert len(calls) == 2                              # at the start, and at the stop after its trial
+    states = [t.state for t in optuna.load_study(study_name="stale", storage=storage).trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]   # the retry ran

@@ -106,6 +106,7 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = st.load_study(cfg.study_name, db, st.make_sampler(cfg.sampler, st.sampler_seed(cfg.seed, cfg.worker, 0)),
                           st.make_pruner(cfg.pruner, cfg.pruner_startup_trials))
+    st.fail_stale(study)
     study.sampler = st.make_sampler(cfg.sampler, st.sampler_seed(cfg.seed, cfg.worker,
                                                                  len(study.get_trials(deepcopy=False))))
     params = {**cfg.as_params(), "pairs": pairs, "storage": st.redact(storage), "registered_name": name,
@@ -125,6 +126,7 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
                            catch=(Exception,), gc_after_trial=True)
         finally:
             broadcast_json(None)   # the other ranks' follow_trials ends
+            st.fail_stale(study)
         st.log_study_report(study)
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             print(f"sweep: study {cfg.study_name!r} has no complete trial yet; nothing registered", flush=True)

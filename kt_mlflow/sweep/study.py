@@ -112,6 +112,14 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
                       f"(host, port, database, user) and that the database server is running.") from None
 
 
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose workers stopped sending heartbeats (and retry them), now rather than only
+    when some worker next starts a trial: sweep workers call it when they start and when they stop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def sampler_seed(seed: int, worker: int, trials_so_far: int) -> int:
     """A worker's sampler seed: its own, and a new one for each state of the study it joins, so that a
     restarted worker goes on sampling instead of replaying the parameters it drew before."""
