@@ -112,7 +112,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path):
     assert json.loads((tmp_path / "p" / "manifest.json").read_text())["digest"] == write_manifest(ref)["digest"]
 
 
-def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_server):
+def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_server, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -140,10 +140,16 @@ def test_mlflow_project_generate_logs_run_dataset_and_artifacts(tmp_path, use_se
     names = {a.path for a in client.list_artifacts(run.info.run_id, "pairs")}
     assert names == {f"pairs/{n}" for n in ("manifest.json", "train-00000000-00000001.safetensors",
                      "train-00000000-00000001.json", "val-00000000-00000000.safetensors", "val-00000000-00000000.json")}
-    # a later step takes the pairs from the run id
-    from kt_mlflow.tracking.datasets import resolve_pairs
-    folder = resolve_pairs(run.info.run_id)
+    # a later step takes the pairs from the run id: downloaded once, cached by digest, then reused
+    import kt_mlflow.tracking.datasets as ds
+
+    monkeypatch.setenv("KT_HOME", str(tmp_path / "home"))
+    folder = ds.resolve_pairs(run.info.run_id)
+    assert folder == tmp_path / "home" / "pairs-cache" / manifest["digest"]
     assert len(load_split(folder, "train")) == 2
+    monkeypatch.setattr(ds.mlflow.artifacts, "download_artifacts", lambda **kw: pytest.fail("downloaded again"))
+    assert ds.resolve_pairs(f"runs:/{run.info.run_id}/pairs") == folder
+    assert not [p for p in folder.parent.iterdir() if p != folder]        # no temporary copy left
     assert mlflow.get_tracking_uri() == use_server
 
 

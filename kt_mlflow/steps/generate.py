@@ -19,7 +19,7 @@ from ..config import GenerateConfig
 from ..data import load_for
 from ..distributed import world
 from ..pairs.generate import generate_pairs
-from ..tracking.datasets import PAIRS_ARTIFACT, PairDataset, PairShardSource, log_image_input
+from ..tracking.datasets import DIGEST_TAG, PAIRS_ARTIFACT, PairDataset, PairShardSource, log_image_input
 from ..tracking.runs import log_family, step_run
 
 
@@ -45,7 +45,7 @@ def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, neste
         # At the last step, so the job's totals (all ranks) are what the UI shows.
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))},
                            step=summary["pairs_made"])
-        mlflow.set_tag("kt.pairs_digest", summary["digest"])
+        mlflow.set_tag(DIGEST_TAG, summary["digest"])
         log_pair_files(Path(folder))
         uri = f"runs:/{run.info.run_id}/{PAIRS_ARTIFACT}"
         mlflow.log_input(PairDataset(Path(folder), source=PairShardSource(uri)), context="generated")

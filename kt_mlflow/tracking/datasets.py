@@ -6,7 +6,10 @@ dataset input can be turned back into its pair folder with ``mlflow.data.get_sou
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -19,9 +22,11 @@ from mlflow.types import Schema, TensorSpec
 
 from ..errors import KTError, first_line
 from ..pairs import store
+from ..paths import data_home
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PAIRS_ARTIFACT = "pairs"
+DIGEST_TAG = "kt.pairs_digest"   # a generate run's pair-set digest
 
 
 def resolve_pairs(spec: str) -> Path:
@@ -32,13 +37,35 @@ def resolve_pairs(spec: str) -> Path:
         parts = spec[len("runs:/"):].split("/", 1)
         uri = spec if len(parts) == 2 and parts[1] else f"runs:/{parts[0]}/{PAIRS_ARTIFACT}"
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            return _fetch(uri, parts[0], uri.endswith(f"/{PAIRS_ARTIFACT}"))
+        except KTError:
+            raise
         except Exception as e:  # MlflowException, OSError: the message is MLflow's
             raise KTError(f"cannot fetch pairs from {uri} ({first_line(e)}); pass a generate run id or a folder.") from None
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise KTError(f"pairs {spec!r} is neither a folder nor a generate run id (runs:/<id>); run `kt generate` first.")
     return path
+
+
+def _fetch(uri: str, run_id: str, whole_set: bool) -> Path:
+    """A generate run's pair set, downloaded once into ``<data home>/pairs-cache/<digest>`` and reused
+    while its digest matches the run's (other artifact paths are downloaded each time)."""
+    digest = mlflow.MlflowClient().get_run(run_id).data.tags.get(DIGEST_TAG) if whole_set else None
+    if not digest:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    cache = data_home() / "pairs-cache" / digest
+    if (cache / "manifest.json").is_file() and store.digest(cache) == digest:
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{digest}.", dir=cache.parent) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        if store.digest(local) != digest:
+            raise KTError(f"the pairs of {uri} have digest {store.digest(local)}, but the run recorded {digest}; "
+                          f"they were changed after the run: generate them again.")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(local, cache)
+    return cache
 
 
 class PairShardSource(DatasetSource):
