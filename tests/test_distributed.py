@@ -198,8 +198,8 @@ def test_batch_shares_cover_each_global_batch_once(tiny_pairs, tmp_path):
         TranslatorFit(cfg, create_family("paper_mnist"), train, None, torch.device("cpu"), World(0, 9, 0, 9))
 
 
-SWEEP = ["--dataset", "digits", "--n-trials", "2", "--depth-min", "1", "--depth-max", "2", "--width-min", "8",
-         "--width-max", "16", "--epochs-min", "2", "--epochs-max", "3", "--val-every", "1", "--dropout", "0",
+SWEEP = ["--dataset", "digits", "--n-trials", "2", "--depth-min", "1", "--depth-max", "1", "--width-min", "8",
+         "--width-max", "16", "--epochs-min", "1", "--epochs-max", "2", "--val-every", "1", "--dropout", "0",
          "--pruner", "none", "--select-holdout", "2"]
 
 
