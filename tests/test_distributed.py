@@ -125,6 +125,7 @@ def test_a_killed_rank_fails_the_job_and_a_rerun_completes_it(reference, tmp_pat
     deadline = time.time() + 300
     while not list(folder.glob("*.json")) and job.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    assert job.poll() is None and list(folder.glob("*.json")), "the job must be running with a shard written"
     os.kill(_ranks(job.pid)[1], signal.SIGKILL)
     out, _ = job.communicate(timeout=300)
     assert job.returncode != 0 and "SIGKILL" in out

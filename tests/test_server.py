@@ -41,10 +41,9 @@ def test_a_server_that_accepts_but_never_answers_times_out_as_configured(monkeyp
         held = []
         threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
         monkeypatch.setenv("KT_TRACKING_TIMEOUT", "1.5")
-        start = time.perf_counter()
-        with pytest.raises(KTError, match=r"does not answer .*waited up to 1.5 s"):
+        with pytest.raises(KTError, match=r"does not answer \(.*timed out.*\).*waited up to 1.5 s"):
             check_tracking_server(f"http://127.0.0.1:{port}")
-        assert 1.0 < time.perf_counter() - start < 10
+        assert held                                      # it connected: the wait was for an answer
 
 
 def test_a_live_server_and_stores_that_are_no_server_pass(tracking_server):

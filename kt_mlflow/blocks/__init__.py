@@ -145,6 +145,11 @@ class BlockFamily:
                     floats={k for k, v in ref.items() if v.is_floating_point()})
 
 
+def non_finite(state: Mapping[str, torch.Tensor]) -> List[str]:
+    """The keys of ``state`` whose float tensors hold a NaN or inf, sorted."""
+    return sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+
+
 def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Tuple[int, ...]], what: str, fix: str,
                 extra_ok: bool = False, floats: Collection[str] = ()) -> None:
     """The one state check: missing or unexpected keys, wrong shapes, NaN/inf, and (for ``floats``) a dtype

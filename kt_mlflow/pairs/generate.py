@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import BlockFamily, family_spec, is_registered
+from ..blocks import BlockFamily, family_spec, is_registered, non_finite
 from ..config import GenerateConfig
 from ..distributed import all_sum, barrier, world
 from ..errors import KTError
@@ -56,12 +56,11 @@ def plan_shards(cfg: GenerateConfig) -> List[Tuple[str, int, int]]:
     return plan
 
 
-def _done(folder: Path, plan: List[Tuple[str, int, int]]) -> set:
-    """The planned shards already on disk and whole (read once: linear in the shards).
+def _done(folder: Path, plan: List[Tuple[str, int, int]], metas: Dict[str, List[dict]]) -> set:
+    """The planned shards already on disk and whole, from the sidecars ``metas`` (read once: linear).
 
     A shard whose file is missing, truncated or altered is removed with its sidecar, so it is made
     again; a shard covering planned indices with other bounds is an error."""
-    metas = {split: sidecars(folder, split) for split in ("train", "val")}
     by_bounds = {(split, m["first"], m["count"]): m for split, ms in metas.items() for m in ms}
     done = set()
     for split, first, n in plan:
@@ -83,7 +82,7 @@ def _done(folder: Path, plan: List[Tuple[str, int, int]]) -> set:
 
 
 def _check_finite(tensors: Dict[str, torch.Tensor], split: str, first: int, n: int) -> None:
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = non_finite(tensors)
     if bad:
         raise KTError(f"{split} pairs {first}..{first + n - 1} trained to non-finite {bad[0]}; nothing of them is "
                       f"written: lower --lr (the shards made so far are kept).")
@@ -98,14 +97,15 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     folder = Path(cfg.folder())
     folder.mkdir(parents=True, exist_ok=True)
     settings = pair_settings(cfg, trainer.family)
-    check_settings(folder, settings)
+    metas = {split: sidecars(folder, split) for split in ("train", "val")}
+    check_settings(folder, settings, metas)
 
     rank = world()
     if rank.is_main:
         remove_stale_temporaries(folder)
     barrier()   # before any rank writes: a temporary file from now on is a live one
     plan = plan_shards(cfg)[rank.rank::rank.size]
-    done = _done(folder, plan)
+    done = _done(folder, plan, metas)
     todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
             for split, first, n in plan if (split, first, n) not in done}
     epochs = cfg.schedule.epochs + cfg.schedule.small_epochs

@@ -105,7 +105,7 @@ def remove_shard(folder: Path, meta: Mapping[str, object]) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Remove the temporary files that killed writes left (``.NAME.XXXX.tmp``); returns how many."""
+    """Remove the temporary files that killed writes left (``.<file name>.<random>.tmp``); returns how many."""
     stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file() and not p.is_symlink()]
     for path in stale:
         path.unlink(missing_ok=True)
@@ -119,13 +119,16 @@ def _own_name(meta: Mapping[str, object]) -> str:
 
 def _shard_path(folder: Path, meta: Mapping[str, object]) -> Optional[Path]:
     """The shard a sidecar names, or None unless that is the shard's own name (never a path elsewhere)."""
-    return Path(folder) / f"{_own_name(meta)}.safetensors" if meta.get("file") == f"{_own_name(meta)}.safetensors" else None
+    own = f"{_own_name(meta)}.safetensors"
+    return Path(folder) / own if meta.get("file") == own else None
 
 
-def check_settings(folder: Path, settings: Mapping[str, object]) -> None:
-    """Refuse to mix pairs made under different settings in one folder."""
+def check_settings(folder: Path, settings: Mapping[str, object],
+                   metas: Optional[Mapping[str, List[Dict[str, object]]]] = None) -> None:
+    """Refuse to mix pairs made under different settings in one folder (``metas``: its sidecars by split,
+    when the caller has read them already)."""
     for split in SPLITS:
-        for meta in sidecars(folder, split):
+        for meta in (metas[split] if metas is not None else sidecars(folder, split)):
             if meta["settings"] != dict(settings):
                 diff = sorted(k for k in set(meta["settings"]) | set(settings)
                               if meta["settings"].get(k) != settings.get(k))

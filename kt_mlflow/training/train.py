@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..blocks import BlockFamily
+from ..blocks import BlockFamily, non_finite
 from ..config import TrainConfig
 from ..device import pick_device
 from ..distributed import World, all_sum, any_rank, world
@@ -105,10 +105,10 @@ class BatchShare:
 
 def _moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and standard deviation over the pairs and tokens of every rank."""
-    flat = x.reshape(-1, x.shape[-1]).double()
-    n, s, ss = all_sum([float(len(flat))]), flat.sum(0), flat.pow(2).sum(0)
-    sums = torch.tensor(all_sum([*s.tolist(), *ss.tolist()]), dtype=torch.float64, device=x.device)
-    s, ss, n = sums[: x.shape[-1]], sums[x.shape[-1]:], n[0]
+    flat, d = x.reshape(-1, x.shape[-1]).double(), x.shape[-1]
+    sums = torch.tensor(all_sum([float(len(flat)), *flat.sum(0).tolist(), *flat.pow(2).sum(0).tolist()]),
+                        dtype=torch.float64, device=x.device)   # one all-reduce: count, sums, sums of squares
+    n, s, ss = float(sums[0]), sums[1: d + 1], sums[d + 1:]
     mean = s / n
     var = ((ss - n * mean.pow(2)) / max(n - 1, 1)).clamp_min(0)
     return mean.float(), var.sqrt().float()
@@ -235,7 +235,7 @@ class TranslatorFit:
 
 def check_finite(translator: Translator) -> None:
     """Refuse a translator with a NaN or inf weight (one line), e.g. after a run that diverged."""
-    bad = sorted(k for k, v in translator.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = non_finite(translator.net.state_dict())
     if bad:
         raise KTError(f"the trained translator's {bad[0]} is not finite, so it is not registered; lower --lr or "
                       f"the augmentation strength and train again.")

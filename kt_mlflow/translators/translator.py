@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..blocks import BlockFamily, KTNetwork, create_family, family_from_spec, prefixed
+from ..blocks import BlockFamily, KTNetwork, create_family, family_from_spec, non_finite, prefixed
 from ..errors import KTError
 from ..family_file import fields_to_spec
 from ..io import atomic_write, atomic_write_json
@@ -92,7 +92,7 @@ class Translator:
         """One large block's state dict -> one small block's state dict."""
         self.family.check_block_state(large_block_state, "large")
         out = self.translate_batch({k: v[None] for k, v in large_block_state.items()})
-        bad = sorted(k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        bad = non_finite(out)
         if bad:
             raise KTError(f"the translated small block's {bad[0]} is not finite: the large block's weights lie far "
                           f"outside those the translator was trained on; compress a trained block of this family.")
