@@ -94,6 +94,13 @@ def field_parser(annotation: str) -> Callable[[str], Any]:
     return _PARSERS[annotation]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line, as every other error is (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+
+
 def _add_step(sub: argparse._SubParsersAction, name: str, step: Step) -> None:
     p = sub.add_parser(name, help=step.help, description=step.help, epilog=f"example: {step.example}",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -113,7 +120,7 @@ def _add_step(sub: argparse._SubParsersAction, name: str, step: Step) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kt", description="Knowledge Translation (arXiv 2401.05772) with MLflow: compress a network's block "
                                "into a smaller one with a trained translator, no retraining.",
         epilog="examples:\n" + "\n".join(f"  {s.example}" for s in STEPS.values()),
@@ -153,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = run(cfg, experiment=args.experiment_name) if step.tracked else run(cfg)
     except KTError as e:
         rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
-        print(f"kt {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
+        if not e.shown:
+            print(f"kt {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
         return 2
     if step.tracked and world().is_main:
         run_id = result[0] if isinstance(result, tuple) else result

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import posixpath
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -51,6 +52,16 @@ def _check_choice(cfg: Any) -> None:
         if choices and getattr(cfg, f.name) not in choices:
             raise KTError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
                           f"got {getattr(cfg, f.name)!r}.")
+
+
+def check_model_name(name: Optional[str], flag: str = "--registered-name") -> None:
+    """MLflow's rules for a registered model name, checked before any work instead of after training."""
+    if name is None:
+        return
+    norm = posixpath.normpath(name)
+    if not name.strip() or "/" in name or ":" in name or norm != name or norm.startswith(".."):
+        raise KTError(f"{flag} {name!r} is not a name MLflow accepts (no '/', ':' or '..', not empty); "
+                      f"use e.g. kt-my-translator.")
 
 
 class StepConfig:
@@ -170,8 +181,8 @@ class ArchOptions(StepConfig):
     val_every: int = option(10, "epochs between validations (the sweep's pruning points)")
     select_holdout: int = option(0, "training pairs held out to pick the kept epoch (0: pick on the validation "
                                     "networks, which then flatters their evaluation)")
-    task_bank: int = option(512, "training images per pair whose begin-block features the task loss keeps "
-                                 "(fewer when the bank would pass 4 GB)")
+    task_bank: int = option(512, "training images per pair whose begin-block features the task loss keeps (fewer "
+                                 "past 4 GB; below 16 per pair none, and each step computes its features)")
     task_pairs: int = option(64, "pairs per step that get the task loss")
     task_images: int = option(64, "training images per step for the task loss")
     pairs: Optional[str] = option(None, "pair folder or generate run id (default: the folder `kt generate` "
@@ -192,6 +203,7 @@ class ArchOptions(StepConfig):
         _check_min(self, "select_holdout weight_decay", 0)
         if not 0.0 <= self.dropout < 1.0:
             raise KTError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        check_model_name(self.registered_name)
 
 
 @dataclass
@@ -303,9 +315,12 @@ class SweepConfig(DataOptions, ArchOptions):
         if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
             raise KTError(f"--grace-period ({self.grace_period}) must exceed --heartbeat-interval "
                           f"({self.heartbeat_interval}), or a live trial would count as failed.")
-        self.trial_config({"depth": self.depth_min, "width": (self.width_options() or [self.width_min])[0],
-                           "mask_ratio": 0.0, "noise_std": 0.0, "epochs": self.epochs_min,
-                           "lr": self.lr_min}).validate()
+        self.first_trial().validate()
+
+    def first_trial(self) -> TrainConfig:
+        """A trial at the low end of every searched range: what every trial's checks see."""
+        return self.trial_config({"depth": self.depth_min, "width": (self.width_options() or [self.width_min])[0],
+                                  "mask_ratio": 0.0, "noise_std": 0.0, "epochs": self.epochs_min, "lr": self.lr_min})
 
     def trial_config(self, params: Dict[str, Any]) -> TrainConfig:
         """The TrainConfig of one trial: the fixed settings plus the sampled ``params``."""
@@ -349,6 +364,9 @@ class MainConfig(DataOptions):
         super().validate()
         self.generate_config().validate()
         self.train_config("").validate()
+        if self.n_pairs <= self.select_holdout:
+            raise KTError(f"--n-pairs {self.n_pairs} leaves no pairs to train on after --select-holdout "
+                          f"{self.select_holdout}; make more pairs or hold out fewer.")
 
 
 @dataclass
@@ -361,6 +379,7 @@ class RegisterConfig(StepConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_model_name(self.registered_name)
         if not self.translator or not (Path(self.translator) / "translator.json").is_file():
             raise KTError(f"--translator {self.translator} holds no translator.json; pass the folder "
                           f"`kt train` printed (or one written by Translator.save).")

@@ -4,6 +4,14 @@
 class KTError(ValueError):
     """Bad input or state that the user can fix; the message says how."""
 
+    shown = False   # True: already printed (the CLI prints it once)
+
+
+class ShownKTError(KTError):
+    """A KTError printed where it happened, before a slow clean-up (e.g. MLflow retrying a dead server)."""
+
+    shown = True
+
 
 def first_line(error: BaseException, limit: int = 160) -> str:
     """The first non-empty line of an exception's message (or its type), cut to ``limit`` characters.

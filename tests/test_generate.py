@@ -215,3 +215,34 @@ def test_resume_reads_the_sidecars_once(small_set, tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "sidecars", lambda folder, split: calls.append(split) or real(folder, split))
     assert generate_pairs(cfg)["pairs_made"] == 0
     assert calls == ["train", "val"]
+
+
+def test_sidecars_are_covered_by_the_digest_and_the_manifest_is_not_trusted(small_set, tmp_path):
+    from kt_mlflow.pairs.store import digest
+    from kt_mlflow.tracking.datasets import PairDataset
+
+    out, _ = _copy(small_set, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "digest": "0" * 16, "splits": {}}))
+    logged = PairDataset(out)                                       # what a run logs: from the sidecars
+    assert logged.digest == small_set[1] and logged.profile["train_pairs"] == 4 and logged.profile["val_pairs"] == 2
+    sidecar = out / "train-00000000-00000001.json"
+    meta = json.loads(sidecar.read_text())
+    meta["pairs"][0]["base_acc"] = 99.0                             # a record changed, the shard untouched
+    sidecar.write_text(json.dumps(meta))
+    assert digest(out) != small_set[1]
+    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "first"}))
+    with pytest.raises(KTError, match=f"shard sidecar {sidecar} is corrupt"):
+        digest(out)
+
+
+def test_a_resume_with_other_kernels_threads_or_device_is_refused(small_set, tmp_path):
+    out, cfg = _copy(small_set, tmp_path)
+    made_with = sidecars(out, "train")[0]["made_with"]
+    assert made_with["device"] == "cpu" and made_with["kernels"] in ("native", "torch") and made_with["threads"] >= 1
+    for meta in sidecars(out, "train"):                             # as if made on a 64-core machine, one process
+        path = out / meta["file"].replace(".safetensors", ".json")
+        path.write_text(json.dumps({**meta, "made_with": {**made_with, "threads": 64}}))
+    with pytest.raises(KTError, match=r"made with device cpu, kernels \w+, threads 64 .*gives other bits: rerun with "
+                                      r"--kernels \w+ --device cpu .*\(64 thread\(s\) per worker\), or use another --output"):
+        generate_pairs(cfg)

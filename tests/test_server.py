@@ -17,12 +17,15 @@ from kt_mlflow.tracking.server import check_tracking_server
 COMMANDS = {
     "generate": [], "train": [], "evaluate": [], "main": [], "sweep": ["--n-trials", "1"],
     "compress": ["--model", "kt-x", "--input", "missing.pt", "--output", "out.pt"],
+    "register": ["--translator", "kept"],
 }
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_against_a_closed_port_ends_in_one_line(command, tmp_path):
     uri = f"http://user:secret@127.0.0.1:{free_port()}/?token=abc"
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "translator.json").write_text("{}")          # what `kt register` checks before asking MLflow
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "kt_mlflow", command, *COMMANDS[command]], cwd=tmp_path,
                           env={**os.environ, "MLFLOW_TRACKING_URI": uri, "KT_HOME": str(tmp_path)},
@@ -50,3 +53,9 @@ def test_a_live_server_and_stores_that_are_no_server_pass(tracking_server):
     check_tracking_server(tracking_server)
     check_tracking_server("sqlite:///somewhere.db")
     check_tracking_server("")
+
+
+def test_the_closed_port_test_covers_every_subcommand():
+    from kt_mlflow.cli import STEPS
+
+    assert set(COMMANDS) == set(STEPS)

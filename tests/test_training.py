@@ -189,6 +189,26 @@ def test_context_perturbation_is_a_network_with_other_begin_and_last_blocks(setu
     assert abs(float(plain[0] - kl)) > 1e-4
 
 
+@pytest.mark.parametrize("context", [0.0, 0.3])
+def test_a_task_loss_past_its_memory_budget_keeps_no_bank_and_gives_the_same_losses(setup, context):
+    """At any pair count the bank stays within its budget: below MIN_BANK images per pair it keeps
+    none (only the images) and computes each step's features, with the same values as the bank."""
+    family, train, _, data = setup
+    banked = TaskLoss(family, train, data, torch.device("cpu"), bank=40, seed=3, context=context)
+    need = len(train) * 40 * 4 * family.width * (14 ** 2 + 7 ** 2)   # what a 40-image bank takes
+    assert banked.banked and banked.pre.shape[1] == 40
+    assert TaskLoss(family, train, data, torch.device("cpu"), bank=40, seed=3, bank_bytes=need // 2).pre.shape[1] == 20
+    bare = TaskLoss(family, train, data, torch.device("cpu"), bank=40, seed=3, context=context, bank_bytes=need // 4)
+    assert not bare.banked and not hasattr(bare, "pre") and len(bare.x) == 40
+    torch.testing.assert_close(bare.pre_std, banked.pre_std)
+    assert bare.out_scale == pytest.approx(banked.out_scale, rel=1e-6)
+    idx = torch.tensor([4, 1, 6])
+    small = {k: torch.randn(3, *v.shape) * 0.2 for k, v in family.small_block().state_dict().items()}
+    for a, b in zip(banked(small, idx, 12, torch.Generator().manual_seed(9)),
+                    bare(small, idx, 12, torch.Generator().manual_seed(9))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_perturbed_large_blocks_keep_statistics_and_have_the_asked_strength():
     family = create_family("paper_mnist")
     large = {k: v[None].expand(400, *v.shape).clone() for k, v in family.large_block().state_dict().items()}

@@ -87,4 +87,9 @@ def load_for(family, dataset: str, data_root: Optional[str] = None, colour: bool
         torch.Size([3, 32, 32])
     """
     colour = colour or bool((pair_settings or {}).get("colour", False))
-    return load_dataset(dataset, data_root, family.in_channels, family.image_size, colour)
+    data = load_dataset(dataset, data_root, family.in_channels, family.image_size, colour)
+    classes = int(max(data.train_y.max(), data.test_y.max())) + 1
+    if classes > family.num_classes:  # a label past the classifier's outputs fails deep in training otherwise
+        raise KTError(f"{dataset} ({data_root or 'bundled'}) has {classes} classes, but family {family.name} "
+                      f"classifies {family.num_classes}; set input.classes: {classes} in the family file.")
+    return data

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import mlflow
 import pandas as pd
@@ -41,10 +41,10 @@ from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 from mlflow.tracking.artifact_utils import get_artifact_uri
 
 from ..config import DEFAULT_BASELINES
-from ..data import load_for
+from ..data import ImageData, load_for
 from ..device import pick_device
 from ..errors import KTError
-from ..pairs.store import load_split
+from ..pairs.store import PairSet, load_split
 from .baselines import BASELINES, make_baseline
 from .compare import compare_methods
 from .plots import KT_METHOD, log_evaluation
@@ -138,9 +138,9 @@ def translate_pairs(translator: Any, large: Mapping[str, torch.Tensor]) -> Dict[
     return {k: v.detach().to("cpu") for k, v in out.items()}
 
 
-def run_comparison(translator: Any, settings: EvalSettings) -> pd.DataFrame:
-    """Translate the pairs' large blocks and compare with the baselines and references, per network."""
-    from ..tracking.datasets import log_image_input, resolve_pairs
+def prepare_comparison(translator: Any, settings: EvalSettings) -> Tuple[PairSet, ImageData]:
+    """The held-out pairs and the test images of a comparison, every mismatch refused in one line."""
+    from ..tracking.datasets import resolve_pairs
 
     family = translator.family
     val = load_split(resolve_pairs(str(settings.pairs)), settings.split)
@@ -150,8 +150,22 @@ def run_comparison(translator: Any, settings: EvalSettings) -> pd.DataFrame:
             f"the translator is for family {family.name} but the pairs are {pair_family}; "
             f"evaluate on pairs generated with --family {family.name}."
         )
-    data = load_for(family, settings.dataset or str(val.settings.get("dataset", "digits")), settings.data_root,
-                    settings.colour, val.settings)
+    made_on = str(val.settings.get("dataset", "digits"))
+    if settings.dataset and settings.dataset != made_on:
+        raise KTError(f"the pairs in {settings.pairs} were generated on dataset {made_on!r}, not "
+                      f"{settings.dataset!r}; pass --dataset {made_on} (and its --data-root).")
+    data = load_for(family, made_on, settings.data_root, settings.colour, val.settings)
+    return val, data
+
+
+def run_comparison(translator: Any, settings: EvalSettings,
+                   prepared: Optional[Tuple[PairSet, ImageData]] = None) -> pd.DataFrame:
+    """Translate the pairs' large blocks and compare with the baselines and references, per network
+    (``prepared``: what ``prepare_comparison`` returned, when the caller checked it before opening a run)."""
+    from ..tracking.datasets import log_image_input
+
+    family = translator.family
+    val, data = prepared or prepare_comparison(translator, settings)
     if mlflow.active_run() is not None:
         log_image_input(data, str(val.settings.get("dataset")), settings.data_root, "evaluation")
     large = val.part("large")
@@ -186,4 +200,4 @@ class KnowledgeTranslationEvaluator(ModelEvaluator):
 
 
 __all__ = ["KnowledgeTranslationEvaluator", "EvalSettings", "MODEL_TYPE", "load_translator", "model_uri_of",
-           "run_comparison", "translate_pairs"]
+           "prepare_comparison", "run_comparison", "translate_pairs"]

@@ -22,9 +22,19 @@ from tqdm.auto import tqdm
 
 from ..blocks import BlockFamily, family_spec, is_registered, non_finite
 from ..config import GenerateConfig
+from ..device import cpu_share
 from ..distributed import all_sum, barrier, world
 from ..errors import KTError
-from .store import check_settings, remove_shard, remove_stale_temporaries, shard_is_whole, sidecars, write_manifest, write_shard
+from .store import (
+    check_made_with,
+    check_settings,
+    remove_shard,
+    remove_stale_temporaries,
+    shard_is_whole,
+    sidecars,
+    write_manifest,
+    write_shard,
+)
 from .workers import ShardTrainer
 
 VAL_SEED_OFFSET = 50_000_000  # validation seeds never meet training seeds below this many pairs
@@ -88,73 +98,97 @@ def _check_finite(tensors: Dict[str, torch.Tensor], split: str, first: int, n: i
                       f"written: lower --lr (the shards made so far are kept).")
 
 
+class GenerationJob:
+    """One worker's (or rank's) share of ``cfg``, checked: everything that can be refused (data, device,
+    workers, kernels, a folder of other settings or other bits) is refused here, before any MLflow run
+    opens or anything is written; ``run`` then trains and writes."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.schedule, cfg.device, cfg.workers,
+                                    cfg.kernels, cfg.colour)
+        self.folder = Path(cfg.folder())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.settings = pair_settings(cfg, self.trainer.family)
+        self.metas = {split: sidecars(self.folder, split) for split in ("train", "val")}
+        check_settings(self.folder, self.settings, self.metas)
+        check_made_with(self.folder, self.trainer.made_with, self.metas, _same_bits(self.metas))
+
+    def run(self, on_shard=None) -> Dict[str, object]:
+        """Generate (or resume) the shards into the folder; returns a summary dict (the job's, on rank 0)."""
+        cfg, folder, trainer, rank = self.cfg, self.folder, self.trainer, world()
+        if rank.is_main:
+            remove_stale_temporaries(folder)
+        barrier()   # before any rank writes: a temporary file from now on is a live one
+        plan = plan_shards(cfg)[rank.rank::rank.size]
+        done = _done(folder, plan, self.metas)
+        todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
+                for split, first, n in plan if (split, first, n) not in done}
+        epochs = cfg.schedule.epochs + cfg.schedule.small_epochs
+        bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", dynamic_ncols=True,
+                   desc="generate" if not rank.distributed else f"generate rank {rank.rank}", position=rank.local_rank)
+        made, start = 0, time.perf_counter()
+        with trainer:
+            for (split, first, n), out in trainer.run(todo, bar):
+                records = _records(out, first, todo[split, first, n])
+                tensors = {f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
+                           for part in ("begin", "large", "last", "small") for k in out[part][0]}
+                _check_finite(tensors, split, first, n)
+                write_shard(folder, split, first, tensors, records, self.settings, trainer.made_with)
+                made += n
+                if on_shard is not None:
+                    on_shard(made, time.perf_counter() - start, records)
+        bar.close()
+        barrier()   # every rank's shards are written: rank 0 may now read them all
+        elapsed = time.perf_counter() - start
+        made, planned = (int(v) for v in all_sum([made, sum(n for _, _, n in plan)]))
+        if not rank.is_main:
+            return {"pairs_made": made, "seconds": elapsed}
+        return self._summary(write_manifest(folder), made, planned, elapsed)
+
+    def _summary(self, manifest: Dict[str, object], made: int, planned: int, elapsed: float) -> Dict[str, object]:
+        trainer, size = self.trainer, world().size
+        summary = {
+            "pairs_made": made, "pairs_skipped": planned - made, "seconds": elapsed, "ranks": size,
+            "pairs_per_min": 60.0 * made / elapsed if made else 0.0, "digest": manifest["digest"],
+            "n_train_total": manifest["splits"]["train"]["count"], "n_val_total": manifest["splits"]["val"]["count"],
+            "device": str(trainer.device), "workers": trainer.workers, "native_kernels": trainer.kernels == "native",
+        }
+        for split in ("train", "val"):
+            pairs = manifest["splits"][split]["pairs"]
+            for key in ("base_acc", "small_acc"):
+                if pairs:
+                    summary[f"{split}_{key}_mean"] = sum(p[key] for p in pairs) / len(pairs)
+        print(
+            f"generate: {made} pairs made, {summary['pairs_skipped']} already there, in {elapsed:.1f} s "
+            f"({summary['pairs_per_min']:.1f} pairs/min on {trainer.device}, {_processes(size, trainer.workers)}, "
+            f"{trainer.kernels} kernels); folder {self.folder} holds "
+            f"{summary['n_train_total']} train + {summary['n_val_total']} val pairs, digest {manifest['digest']}"
+        )
+        return summary
+
+
 def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     """Generate (or resume) this worker's shards into ``cfg.output``; returns a summary dict."""
-    cfg.validate()
-    # Data, device and workers first: bad input is reported before anything is written.
-    trainer = ShardTrainer(cfg.family, cfg.dataset, cfg.data_root, cfg.schedule, cfg.device, cfg.workers,
-                           cfg.kernels, cfg.colour)
-    folder = Path(cfg.folder())
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = pair_settings(cfg, trainer.family)
-    metas = {split: sidecars(folder, split) for split in ("train", "val")}
-    check_settings(folder, settings, metas)
+    return GenerationJob(cfg).run(on_shard)
 
-    rank = world()
-    if rank.is_main:
-        remove_stale_temporaries(folder)
-    barrier()   # before any rank writes: a temporary file from now on is a live one
-    plan = plan_shards(cfg)[rank.rank::rank.size]
-    done = _done(folder, plan, metas)
-    todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
-            for split, first, n in plan if (split, first, n) not in done}
-    epochs = cfg.schedule.epochs + cfg.schedule.small_epochs
-    bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", dynamic_ncols=True,
-               desc="generate" if not rank.distributed else f"generate rank {rank.rank}", position=rank.local_rank)
-    made, start = 0, time.perf_counter()
-    device, workers, kernels = trainer.device, trainer.workers, trainer.kernels
-    with trainer:
-        for (split, first, n), out in trainer.run(todo, bar):
-            seeds = todo[split, first, n]
-            tensors = {
-                f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
-                for part in ("begin", "large", "last", "small") for k in out[part][0]
-            }
-            records = [
-                {"index": first + i, "seed": seeds[i], "base_acc": round(float(out["base_acc"][i]), 4),
-                 "small_acc": round(float(out["small_acc"][i]), 4)}
-                for i in range(n)
-            ]
-            _check_finite(tensors, split, first, n)
-            write_shard(folder, split, first, tensors, records, settings)
-            made += n
-            if on_shard is not None:
-                on_shard(made, time.perf_counter() - start, records)
-    bar.close()
-    barrier()   # every rank's shards are written: rank 0 may now read them all
-    elapsed = time.perf_counter() - start
-    made, planned = (int(v) for v in all_sum([made, sum(n for _, _, n in plan)]))
-    if not rank.is_main:
-        return {"pairs_made": made, "seconds": elapsed}
-    manifest = write_manifest(folder)
-    summary = {
-        "pairs_made": made, "pairs_skipped": planned - made, "seconds": elapsed, "ranks": rank.size,
-        "pairs_per_min": 60.0 * made / elapsed if made else 0.0, "digest": manifest["digest"],
-        "n_train_total": manifest["splits"]["train"]["count"], "n_val_total": manifest["splits"]["val"]["count"],
-        "device": str(device), "workers": workers, "native_kernels": kernels == "native",
-    }
-    for split in ("train", "val"):
-        pairs = manifest["splits"][split]["pairs"]
-        for key in ("base_acc", "small_acc"):
-            if pairs:
-                summary[f"{split}_{key}_mean"] = sum(p[key] for p in pairs) / len(pairs)
-    print(
-        f"generate: {made} pairs made, {summary['pairs_skipped']} already there, in {elapsed:.1f} s "
-        f"({summary['pairs_per_min']:.1f} pairs/min on {device}, {_processes(rank.size, workers)}, {kernels} kernels); "
-        f"folder {folder} holds "
-        f"{summary['n_train_total']} train + {summary['n_val_total']} val pairs, digest {manifest['digest']}"
-    )
-    return summary
+
+def _records(out: Dict[str, object], first: int, seeds: List[int]) -> List[Dict[str, object]]:
+    return [{"index": first + i, "seed": seed, "base_acc": round(float(out["base_acc"][i]), 4),
+             "small_acc": round(float(out["small_acc"][i]), 4)} for i, seed in enumerate(seeds)]
+
+
+def _same_bits(metas: Dict[str, List[dict]]) -> str:
+    """How to resume with the kernels, device and threads the folder's shards were made with."""
+    old = next((m["made_with"] for ms in metas.values() for m in ms if "made_with" in m), {})
+    fix = f"rerun with --kernels {old.get('kernels')} --device {old.get('device')}"
+    threads = old.get("threads")
+    if threads:
+        workers = cpu_share() // int(threads)
+        fix += f" --workers {workers}" if workers >= 1 else f" on a machine with {threads}+ cores"
+        fix += f" ({threads} thread(s) per worker)"
+    return fix
 
 
 def _processes(ranks: int, workers: int) -> str:

@@ -3,12 +3,13 @@
 Layout of a pair folder::
 
     train-00000000-00000015.safetensors   # tensors "large.conv1.weight" (P, 6, 6, 3, 3), "small.*", ...
-    train-00000000-00000015.json          # settings, sha256, per pair: index, seed, base_acc, small_acc
+    train-00000000-00000015.json          # settings, made_with, sha256, per pair: index, seed, base_acc, small_acc
     val-00000000-00000007.safetensors
-    manifest.json                         # everything above, rebuilt after each run
+    manifest.json                         # everything above, rebuilt from the sidecars after each run
 
 A shard counts as finished only when its sidecar exists, and the sidecar is written (atomically)
-after the shard, so a killed run leaves either a whole shard or none. Workers that split one folder
+after the shard, so a killed run leaves either a whole shard or none. The digest covers every shard
+and every sidecar; readers rebuild the manifest from the sidecars rather than trust the one on disk. Workers that split one folder
 with ``start_index``/``count`` never write the same file, and the manifest is rebuilt from sidecars.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..errors import KTError
 from ..io import atomic_write, atomic_write_json, sha256_file
 
 SPLITS = ("train", "val")
+SIDECAR_KEYS = {"split": str, "first": int, "count": int, "file": str, "sha256": str, "settings": dict, "pairs": list}
 PARTS = ("begin", "large", "last", "small")
 
 
@@ -56,14 +58,17 @@ class PairSet:
 
 
 def write_shard(folder: Path, split: str, first: int, tensors: Mapping[str, torch.Tensor],
-                records: List[Dict[str, object]], settings: Mapping[str, object]) -> Path:
-    """Write one shard and then its sidecar, each atomically."""
+                records: List[Dict[str, object]], settings: Mapping[str, object],
+                made_with: Optional[Mapping[str, object]] = None) -> Path:
+    """Write one shard and then its sidecar, each atomically. ``made_with``: what else decides the
+    shard's bits (kernels, threads, device), which a resume must match."""
     name = shard_name(split, first, first + len(records) - 1)
     shard = folder / f"{name}.safetensors"
     atomic_write(shard, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
     atomic_write_json(folder / f"{name}.json", {
         "split": split, "first": first, "count": len(records), "file": shard.name,
-        "sha256": sha256_file(shard), "size": shard.stat().st_size, "settings": dict(settings), "pairs": records,
+        "sha256": sha256_file(shard), "size": shard.stat().st_size, "settings": dict(settings),
+        **({"made_with": dict(made_with)} if made_with else {}), "pairs": records,
     })
     return shard
 
@@ -74,8 +79,11 @@ def sidecars(folder: Path, split: str) -> List[Dict[str, object]]:
     for path in sorted(Path(folder).glob(f"{split}-*.json")):
         try:
             meta = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise KTError(f"shard sidecar {path} is corrupt; delete it (and its .safetensors) and rerun generate.") from None
+            ok = isinstance(meta, dict) and all(isinstance(meta.get(k), t) for k, t in SIDECAR_KEYS.items())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if not ok or meta["first"] < 0 or meta["count"] != len(meta["pairs"]):
+            raise KTError(f"shard sidecar {path} is corrupt; delete it (and its .safetensors) and rerun generate.")
         out.append(meta)
     out.sort(key=lambda m: m["first"])
     for a, b in zip(out, out[1:]):
@@ -138,6 +146,20 @@ def check_settings(folder: Path, settings: Mapping[str, object],
                 )
 
 
+def check_made_with(folder: Path, made_with: Mapping[str, object], metas: Mapping[str, List[Dict[str, object]]],
+                    fix: str) -> None:
+    """Refuse to resume a folder whose shards were made by other kernels, threads or device (other bits);
+    sidecars from before ``made_with`` was recorded are taken as they are. ``fix``: what to rerun with."""
+    for split in SPLITS:
+        for meta in metas[split]:
+            old = meta.get("made_with")
+            if old is not None and old != dict(made_with):
+                def shown(m):
+                    return ", ".join(f"{k} {v}" for k, v in sorted(m.items()))
+                raise KTError(f"{folder} holds shards made with {shown(old)} (e.g. {meta['file']}), this run would use "
+                              f"{shown(made_with)}, which gives other bits: {fix}, or use another --output.")
+
+
 def load_split(folder: Path, split: str, device: Optional[torch.device] = None) -> PairSet:
     """Load and verify every finished shard of ``split``; a bad shard is reported by name."""
     folder = Path(folder)
@@ -186,21 +208,23 @@ def _check_complete(folder: Path, split: str, metas: List[Dict[str, object]]) ->
                           f"records {recorded}); rerun `kt generate` with its settings and --output {folder}.")
 
 
-def digest(folder: Path) -> str:
-    """A short content digest of every finished shard (changes when any pair changes)."""
+def digest(folder: Path, metas: Optional[Mapping[str, List[Dict[str, object]]]] = None) -> str:
+    """A short digest of every finished shard and its sidecar (changes when any pair or record changes)."""
     h = hashlib.sha256()
     for split in SPLITS:
-        for meta in sidecars(folder, split):
+        for meta in (metas[split] if metas is not None else sidecars(folder, split)):
             h.update(meta["sha256"].encode())
+            h.update(hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).digest())
     return h.hexdigest()[:16]
 
 
-def write_manifest(folder: Path) -> Dict[str, object]:
-    """Rebuild ``manifest.json`` from the sidecars (safe to call from any worker at any time)."""
+def manifest_of(folder: Path) -> Dict[str, object]:
+    """The manifest of ``folder`` as its sidecars say (what ``manifest.json`` holds when nothing was altered)."""
     folder = Path(folder)
-    manifest: Dict[str, object] = {"digest": digest(folder), "splits": {}}
+    by_split = {split: sidecars(folder, split) for split in SPLITS}
+    manifest: Dict[str, object] = {"digest": digest(folder, by_split), "splits": {}}
     for split in SPLITS:
-        metas = sidecars(folder, split)
+        metas = by_split[split]
         if metas:
             manifest["settings"] = metas[0]["settings"]
         manifest["splits"][split] = {
@@ -208,5 +232,11 @@ def write_manifest(folder: Path) -> Dict[str, object]:
             "shards": [{k: m[k] for k in ("file", "first", "count", "sha256")} for m in metas],
             "pairs": [dict(p, shard=m["file"]) for m in metas for p in m["pairs"]],
         }
-    atomic_write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def write_manifest(folder: Path) -> Dict[str, object]:
+    """Rebuild ``manifest.json`` from the sidecars (safe to call from any worker at any time)."""
+    manifest = manifest_of(folder)
+    atomic_write_json(Path(folder) / "manifest.json", manifest)
     return manifest

@@ -69,15 +69,21 @@ class ShardTrainer:
         # Loaded here even for worker processes: a bad data folder is reported before anything starts.
         self.data, self.schedule = load_for(self.family, dataset, data_root, colour), schedule
         self.pool: Optional[ProcessPoolExecutor] = None
+        self.threads = max(1, cpu_share() // self.workers) if self.workers > 1 else torch.get_num_threads()
         if self.workers > 1:
             ctx = mp.get_context("spawn")  # a fresh interpreter: no OpenMP or MKL state copied by fork
             self.progress = ctx.Queue()
-            threads = max(1, cpu_share() // self.workers)
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=ctx, initializer=_start_worker,
-                initargs=(family, dataset, data_root, colour, schedule, self.kernels, threads, self.progress,
+                initargs=(family, dataset, data_root, colour, schedule, self.kernels, self.threads, self.progress,
                           os.getpid()),
             )
+
+    @property
+    def made_with(self) -> Dict[str, object]:
+        """What decides a shard's bits besides its settings: kernels, device, and on a CPU threads per process."""
+        made = {"kernels": self.kernels, "device": self.device.type}
+        return {**made, "threads": self.threads} if self.device.type == "cpu" else made
 
     def run(self, shards: Mapping[Hashable, Sequence[int]],
             bar: Optional[tqdm] = None) -> Iterator[Tuple[Hashable, Dict[str, object]]]:

@@ -7,7 +7,7 @@ import pandas as pd
 
 from ..config import EvaluateConfig, default_pairs
 from ..evaluation.compare import summary_table
-from ..evaluation.evaluator import EvalSettings, run_comparison
+from ..evaluation.evaluator import EvalSettings, prepare_comparison, run_comparison
 from ..evaluation.plots import log_evaluation
 from ..tracking.datasets import log_pair_input, resolve_pairs
 from ..tracking.models import load_translator, model_uri
@@ -23,12 +23,13 @@ def run_evaluate(cfg: EvaluateConfig, *, experiment: Optional[str] = None,
                             baselines=cfg.baseline_names, seed=cfg.seed, device=cfg.device)
     settings.check_baselines()
     translator = load_translator(cfg.model)
+    prepared = prepare_comparison(translator, settings)   # pairs and images checked before the run opens
     params = {**cfg.as_params(), "pairs": pairs, "model_uri": model_uri(cfg.model)}
     with step_run("evaluate", params, run_name=f"evaluate {cfg.model}", nested=nested, experiment=experiment,
                   family=translator.family.name) as run:
         log_family(translator.family)
         log_pair_input(resolve_pairs(pairs), pairs, "evaluation")
-        df = run_comparison(translator, settings)
+        df = run_comparison(translator, settings, prepared)
         logged = log_evaluation(df)
         summary = summary_table(df)
         with pd.option_context("display.width", 120, "display.precision", 2):

@@ -14,24 +14,20 @@ from typing import List, Optional
 
 import mlflow
 
-from ..blocks import create_family
 from ..config import GenerateConfig
-from ..data import load_for
 from ..distributed import world
-from ..pairs.generate import generate_pairs
+from ..pairs.generate import GenerationJob
 from ..tracking.datasets import DIGEST_TAG, PAIRS_ARTIFACT, PairDataset, PairShardSource, log_image_input
 from ..tracking.runs import log_family, step_run
 
 
 def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, nested: bool = False) -> str:
     """Generate (or resume) pairs inside an MLflow run; returns the run id (rank 0's; '' on other ranks)."""
-    cfg.validate()
-    family = create_family(cfg.family)   # a bad family file or data folder is reported before the run opens
-    data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour)
+    job = GenerationJob(cfg)   # every refusal (family, data, device, folder) before the run opens
+    family, data, folder = job.trainer.family, job.trainer.data, job.folder
     if not world().is_main:
-        generate_pairs(cfg)
+        job.run()
         return ""
-    folder = cfg.folder()
     name = f"pairs {family.name} {cfg.n_pairs}+{cfg.n_val}"
     with step_run("generate", cfg.as_params(), run_name=name, nested=nested, experiment=experiment,
                   family=family.name) as run:
@@ -41,14 +37,14 @@ def run_generate(cfg: GenerateConfig, *, experiment: Optional[str] = None, neste
         def on_shard(made: int, seconds: float, records) -> None:
             mlflow.log_metrics({"pairs_made": made, "pairs_per_min": 60.0 * made / max(seconds, 1e-9)}, step=made)
 
-        summary = generate_pairs(cfg, on_shard=on_shard)
+        summary = job.run(on_shard=on_shard)
         # At the last step, so the job's totals (all ranks) are what the UI shows.
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))},
                            step=summary["pairs_made"])
         mlflow.set_tag(DIGEST_TAG, summary["digest"])
-        log_pair_files(Path(folder))
+        log_pair_files(folder)
         uri = f"runs:/{run.info.run_id}/{PAIRS_ARTIFACT}"
-        mlflow.log_input(PairDataset(Path(folder), source=PairShardSource(uri)), context="generated")
+        mlflow.log_input(PairDataset(folder, source=PairShardSource(uri)), context="generated")
         return run.info.run_id
 
 

@@ -40,6 +40,7 @@ from ..tracking import champion
 from ..tracking.datasets import load_pair_splits, log_pair_input
 from ..tracking.models import default_name, load_translator
 from ..tracking.runs import flat_params, log_family, step_run
+from ..training.train import check_training
 
 
 def _rescorer(family, val, data, device) -> Callable[[str], float]:
@@ -98,6 +99,7 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     family = family_of(train.settings)
     data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour, train.settings)
     device = pick_device(cfg.device)
+    check_training(cfg.first_trial(), family, train, val)   # what every trial would refuse, before a run opens
     if not world().is_main:
         follow_trials(cfg, family, train, val, data)
         return ""

@@ -15,11 +15,11 @@ from ..blocks import family_of
 from ..config import TrainConfig, default_pairs
 from ..data import load_for
 from ..distributed import world
-from ..errors import KTError, first_line
+from ..errors import ShownKTError, first_line
 from ..tracking.datasets import load_pair_splits, log_image_input, log_pair_input
 from ..tracking.models import CANDIDATE, default_name, log_translator
 from ..tracking.runs import log_family, step_run
-from ..training.train import check_finite, train_translator
+from ..training.train import check_finite, check_training, train_translator
 from .register import keep_translator
 
 
@@ -34,6 +34,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     params = {**cfg.as_params(), "pairs": pairs, "registered_name": name, "family": family.name,
               "n_train_pairs": len(train), "n_val": len(val)}
+    check_training(cfg, family, train, val)   # refusals before the run opens
     run_name = f"translator {cfg.resolved_arch} {cfg.recipe}"
     if not world().is_main:
         train_translator(cfg, family, train, val, data, progress=False)
@@ -58,7 +59,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
             message = (f"the trained translator could not be logged ({first_line(e)}); it is kept in {kept}: "
                        f"log it later with `kt register --translator {kept}`")
             print(f"kt train: error: {message}", file=sys.stderr, flush=True)   # before MLflow retries closing the run
-            raise KTError(message) from None
+            raise ShownKTError(message) from None
         shutil.rmtree(kept, ignore_errors=True)
         print(f"train: best validation accuracy {result.best['val_acc_mean']:.2f}% "
               f"(min {result.best['val_acc_min']:.2f}, max {result.best['val_acc_max']:.2f}) at epoch "

@@ -99,14 +99,11 @@ class PairShardSource(DatasetSource):
 
 
 class PairDataset(Dataset):
-    """A folder of pair shards; its digest is the shards' content hash."""
+    """A folder of pair shards; its digest and profile come from the sidecars (``manifest.json`` is not trusted)."""
 
     def __init__(self, folder: Path, source: Optional[PairShardSource] = None, name: Optional[str] = None) -> None:
         self.folder = Path(folder)
-        manifest_path = self.folder / "manifest.json"
-        if not manifest_path.is_file():
-            store.write_manifest(self.folder)
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = store.manifest_of(self.folder)
         settings = self.manifest.get("settings", {})
         super().__init__(
             source=source or PairShardSource(str(self.folder.resolve())),

@@ -15,6 +15,9 @@ from ..distributed import all_sum
 from ..pairs.store import PairSet
 from .augment import Part, batch_noise
 
+BANK_BYTES = 4 << 30   # the feature banks' memory budget
+MIN_BANK = 16          # fewer images per pair than this: no bank, features computed per step
+
 
 class TaskLoss:
     """What the translated block does, per pair, on training images (translator training only).
@@ -41,42 +44,65 @@ class TaskLoss:
 
     def __init__(self, family: BlockFamily, train: PairSet, data, device: torch.device, bank: int,
                  seed: int, chunk: int = 32, context: float = 0.0, grad_leak: float = 0.0,
-                 pairs_total: Optional[int] = None) -> None:
+                 pairs_total: Optional[int] = None, bank_bytes: int = BANK_BYTES) -> None:
         self.family, self.device, self.context, self.grad_leak = family, device, context, grad_leak
         self.stride = family.last().stride
-        # Keep the feature banks within ~4 GB: fewer images per pair when there are many pairs (2,000
-        # pairs of the paper's family still get 360 images each).
+        # The feature banks stay within ``bank_bytes``: fewer images per pair when there are many pairs (2,000
+        # pairs of the paper's family still get 360 images each); past MIN_BANK images per pair, no bank:
+        # each step computes its pairs' begin-block features for its images (memory: the images only).
         side = family.grid  # begin-block output (pre-activation bank), then block output (strided)
         per_image = 4 * family.width * (side ** 2 + (-(-side // self.stride)) ** 2)
-        bank = max(16, min(bank, (4 << 30) // max(1, (pairs_total or len(train)) * per_image)))
+        fits = bank_bytes // max(1, (pairs_total or len(train)) * per_image)
+        self.banked = fits >= MIN_BANK
+        bank = min(bank, fits) if self.banked else bank
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:bank]
-        x = data.train_x[pick].to(device)
-        m, n = len(x), len(train)
-        pres, outs, teacher = [], [], []
-
-        def per_pair(t: torch.Tensor, k: int) -> torch.Tensor:  # (m, k*C, H, W) -> (k, m, C, H, W)
-            return t.reshape(m, k, -1, *t.shape[2:]).transpose(0, 1)
-
-        with torch.no_grad():
-            for lo in range(0, n, chunk):
-                sl = slice(lo, min(n, lo + chunk))
-                k = sl.stop - sl.start
-                net = family.base_network(k).to(device).eval()
-                for part, name in (("begin", "begin"), ("block", "large"), ("last", "last")):
-                    getattr(net, part).load_state_dict(fold_members({a: b.to(device) for a, b in train.part(name).items()}, sl))
-                pre = net.begin.preactivation(net.stack_input(x[:, None].expand(-1, k, -1, -1, -1)))  # (m, k*C, H, W)
-                out = net.block(net.begin.activate(pre), stride=self.stride)
-                teacher.append(net.last(out, subsampled=True).view(m, k, -1).transpose(0, 1))  # (k, m, classes)
-                pres.append(per_pair(pre, k))
-                outs.append(per_pair(out, k))
-        self.activate = type(net.begin).activate  # the begin block's output from its pre-activation
-        self.pre, self.outs, self.teacher = torch.cat(pres), torch.cat(outs), torch.cat(teacher)
-        self.pre_std = self.pre.transpose(1, 2).flatten(2).std(-1)                      # (P, C)
-        square_sum, count = all_sum([float(self.outs.double().pow(2).sum()), float(self.outs.numel())])
-        self.out_scale = max(square_sum / count, 1e-12)                               # over every rank's pairs
+        self.x = data.train_x[pick].to(device)
+        self.begin = {k: v.to(device) for k, v in train.part("begin").items()}
         self.large = {k: v.to(device) for k, v in train.part("large").items()}
         self.last = {k: v.to(device) for k, v in train.part("last").items()}
-        self._nets: Dict[int, torch.nn.Module] = {}
+        self._nets: Dict[object, torch.nn.Module] = {}
+        n = len(train)
+        pres, outs, teacher, stds, square_sum, count = [], [], [], [], 0.0, 0
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                idx = torch.arange(lo, min(n, lo + chunk), device=device)
+                pre = self._preactivation(idx, self.x)                                # (k, m, C, H, W)
+                out, logits = self._teacher(idx, pre, {a: b[idx] for a, b in self.last.items()})
+                stds.append(pre.transpose(1, 2).flatten(2).std(-1))                    # (k, C)
+                square_sum, count = square_sum + float(out.double().pow(2).sum()), count + out.numel()
+                if self.banked:
+                    pres.append(pre)
+                    outs.append(out)
+                    teacher.append(logits)
+        self.pre_std = torch.cat(stds)                                                  # (P, C)
+        if self.banked:
+            self.pre, self.outs, self.teacher = torch.cat(pres), torch.cat(outs), torch.cat(teacher)
+        square_sum, count = all_sum([square_sum, float(count)])
+        self.out_scale = max(square_sum / count, 1e-12)                               # over every rank's pairs
+
+    def _base(self, k: int) -> KTNetwork:
+        if ("base", k) not in self._nets:
+            self._nets["base", k] = self.family.base_network(k).to(self.device).eval()
+        return self._nets["base", k]
+
+    def _preactivation(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The begin block's pre-activation output of pairs ``idx`` on images ``x``: ``(k, m, C, H, W)``."""
+        k, m, net = len(idx), len(x), self._base(len(idx))
+        with torch.no_grad():
+            net.begin.load_state_dict(fold_members(self.begin, idx))
+            pre = net.begin.preactivation(net.stack_input(x[:, None].expand(-1, k, -1, -1, -1)))  # (m, k*C, H, W)
+        return pre.reshape(m, k, -1, *pre.shape[2:]).transpose(0, 1)
+
+    def _teacher(self, idx: torch.Tensor, pre: torch.Tensor,
+                 last: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The large blocks' (strided) outputs ``(k, m, C, h, w)`` and the teacher logits ``(k, m, classes)``."""
+        k, m, net = len(idx), pre.shape[1], self._base(len(idx))
+        with torch.no_grad():
+            net.block.load_state_dict(fold_members({a: b[idx] for a, b in self.large.items()}))
+            net.last.load_state_dict(fold_members(last))
+            out = net.block(net.begin.activate(_members(pre)), stride=self.stride)
+            logits = net.last(out, subsampled=True).view(m, k, -1).transpose(0, 1)
+        return out.reshape(m, k, -1, *out.shape[2:]).transpose(0, 1), logits
 
     def _net(self, k: int) -> KTNetwork:
         if k not in self._nets:
@@ -100,14 +126,12 @@ class TaskLoss:
         e.g. perturbed copies; the teacher is then computed on the fly instead of read from the bank.
         """
         k = len(idx)
-        pick = torch.randint(self.pre.shape[1], (n_images,), generator=gen).to(self.device)
-
-        def members(t: torch.Tensor) -> torch.Tensor:  # (k, n, C, H, W) -> (n, k*C, H, W)
-            return t.transpose(0, 1).reshape(n_images, -1, *t.shape[3:]).contiguous(memory_format=torch.channels_last)
-
+        pick = torch.randint(len(self.x), (n_images,), generator=gen).to(self.device)
         rows = (idx[:, None], pick[None, :])   # gather the k x n bank entries, not k whole banks
-        pre = self.pre[rows]                                                            # (k, n, C, H, W)
+        pre = self.pre[rows] if self.banked else self._preactivation(idx, self.x[pick])  # (k, n, C, H, W)
         last = {a: b[idx] for a, b in self.last.items()}
+        if large is None and not self.banked:   # no stored teacher: the pairs' own, computed now
+            large = {a: b[idx] for a, b in self.large.items()}
         if self.context > 0:
             c = pre.shape[2]
             scale = (1 + self.context * self._noise((k, 1, c, 1, 1), gen, part)).clamp_min(0.1)
@@ -116,11 +140,11 @@ class TaskLoss:
             last = perturb_params(last, self.context, gen, part)
             if large is None:
                 large = {a: b[idx] for a, b in self.large.items()}
-        net, feats, last = self._net(k), members(self.activate(pre)), fold_members(last)
+        net, feats, last = self._net(k), _members(self._base(k).begin.activate(pre)), fold_members(last)
         out = functional_call(net.block, fold_members(small), (feats,), {"stride": self.stride})
         student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:
-            target = members(self.outs[rows])
+            target = _members(self.outs[rows])
             teacher = self.teacher[rows].transpose(0, 1).reshape(n_images * k, -1)
         else:
             with torch.no_grad():
@@ -132,6 +156,11 @@ class TaskLoss:
 
     def _noise(self, shape: Tuple[int, ...], gen: torch.Generator, part: Part) -> torch.Tensor:
         return batch_noise(shape, gen, part).to(self.device)
+
+
+def _members(t: torch.Tensor) -> torch.Tensor:
+    """Per-pair tensors ``(k, n, C, H, W)`` -> a ``k``-member network's layout ``(n, k*C, H, W)``."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1, *t.shape[3:]).contiguous(memory_format=torch.channels_last)
 
 
 def perturb_params(state: Dict[str, torch.Tensor], strength: float, gen: torch.Generator,

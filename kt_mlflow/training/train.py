@@ -54,11 +54,34 @@ class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
-def _canonical(family: BlockFamily, small: State) -> State:
+def _canonicalizer(family: BlockFamily):
     canon = getattr(type(family.small_block()), "canonicalize", None)
     if canon is None:
         raise KTError(f"recipe needs canonical targets, but block {family.small!r} defines no canonicalize().")
-    return canon(small)
+    return canon
+
+
+def _canonical(family: BlockFamily, small: State) -> State:
+    return _canonicalizer(family)(small)
+
+
+def _check_ranks(n_pairs: int, ranks: int) -> None:
+    if n_pairs < ranks:
+        raise KTError(f"{n_pairs} training pairs cannot be split over {ranks} ranks; start at most "
+                      f"{n_pairs} ranks or hold out fewer pairs.")
+
+
+def check_training(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet) -> None:
+    """What ``train_translator`` would refuse, found in moments: before any training or MLflow run."""
+    cfg.validate()
+    fit, _ = split_holdout(train, val, cfg.select_holdout)
+    pick_device(cfg.device)
+    _check_ranks(len(fit), world().size)
+    recipe = get_recipe(cfg.recipe)
+    if recipe.canonical:
+        _canonicalizer(family)
+    create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, rescale=recipe.rescale,
+                      bn_stats=recipe.bn_stats, **cfg.arch_kwargs())
 
 
 def _permuted(family: BlockFamily, large: State, gen: torch.Generator, part: Part = None) -> State:
@@ -122,9 +145,7 @@ class TranslatorFit:
         self.cfg, self.family, self.recipe = cfg, family, get_recipe(cfg.recipe)
         self.world, self.n_pairs = ranks or world(), len(train)
         w, recipe = self.world, self.recipe
-        if self.n_pairs < w.size:
-            raise KTError(f"{self.n_pairs} training pairs cannot be split over {w.size} ranks; start at most "
-                          f"{self.n_pairs} ranks or hold out fewer pairs.")
+        _check_ranks(self.n_pairs, w.size)
         mine = train.subset(torch.arange(w.rank, self.n_pairs, w.size)) if w.distributed else train
         self.large = {k: v.to(device) for k, v in mine.part("large").items()}
         small = {k: v.to(device) for k, v in mine.part("small").items()}
