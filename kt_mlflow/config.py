@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import posixpath
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,6 +32,8 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 DEFAULT_BASELINES = ("random", "identity", "uniform", "l1")
 ARCHS = ("mixer", "mlp", "channel_set")  # the translator registry's names (a test holds them equal)
+SUITE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+IN_DISTRIBUTION = "in_distribution"   # the suite name of --pairs itself
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")  # what kt_mlflow.data reads
 
 
@@ -74,6 +77,10 @@ class StepConfig:
         return asdict(self)
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class PairSchedule:
     """How one pair is trained (arXiv 2401.05772's pair training: SGD 0.01, momentum 0.9, batch 128, flips, 10 epochs)."""
@@ -84,9 +91,18 @@ class PairSchedule:
     momentum: float = 0.9
     batch_size: int = 128
     flip: bool = True
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
 
     def as_params(self) -> Dict[str, Any]:
-        return asdict(self)
+        """Every field; those added after pair sets were first recorded only when not at their default,
+        so earlier sets keep their settings (and folders)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _LATER_FIELDS or getattr(self, f.name) != f.default}
+
+
+_LATER_FIELDS = ("optimizer", "weight_decay", "lr_schedule")
 
 
 @dataclass
@@ -118,14 +134,19 @@ class GenerateConfig(DataOptions):
                                   "auto (native on a CPU where they build)", KERNELS)
     epochs: int = option(3, "base-network epochs (paper: 10)")
     small_epochs: int = option(3, "small-block epochs (paper: 10)")
-    lr: float = option(0.01, "SGD learning rate")
+    lr: float = option(0.01, "learning rate of each network (Adam and AdamW want about 0.001)")
     momentum: float = option(0.9, "SGD momentum")
-    batch_size: int = option(128, "SGD batch size")
+    batch_size: int = option(128, "images per training step")
     flip: bool = option(True, "random horizontal flips")
+    optimizer: str = option("sgd", "how each network is trained: sgd (the paper's), adam or adamw", OPTIMIZERS)
+    weight_decay: float = option(0.0, "weight decay of each network's optimiser")
+    lr_schedule: str = option("constant", "learning rate over each network's steps: constant or cosine (to 0)",
+                              LR_SCHEDULES)
 
     @property
     def schedule(self) -> PairSchedule:
-        return PairSchedule(self.epochs, self.small_epochs, self.lr, self.momentum, self.batch_size, self.flip)
+        return PairSchedule(self.epochs, self.small_epochs, self.lr, self.momentum, self.batch_size, self.flip,
+                            self.optimizer, self.weight_decay, self.lr_schedule)
 
     def settings(self) -> Dict[str, Any]:
         """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
@@ -156,6 +177,8 @@ class GenerateConfig(DataOptions):
             raise KTError(f"--lr must be a finite number > 0, got {self.lr}.")
         if not (0 <= self.momentum < 1):
             raise KTError(f"--momentum must be in [0, 1), got {self.momentum}.")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise KTError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}.")
         if self.output:
             check_output_folder(Path(self.output), "--output")
 
@@ -244,10 +267,27 @@ class EvaluateConfig(DataOptions):
     pairs: Optional[str] = option(None, "pair folder or generate run id whose val networks are evaluated "
                                         "(default: the folder `kt generate` fills with its default settings)")
     baselines: str = option(",".join(DEFAULT_BASELINES), "comma-separated baselines: random, identity, uniform, l1")
+    suites: str = option("", "held-out sets trained other ways, evaluated in the same run: NAME=PAIRS[,NAME=PAIRS] "
+                             "(each a pair folder or generate run id; docs/usage.md#evaluate)")
 
     @property
     def baseline_names(self) -> List[str]:
         return [b for b in self.baselines.split(",") if b]
+
+    def suite_pairs(self) -> Dict[str, str]:
+        """``--suites`` as {name: pairs}, in the order given."""
+        out: Dict[str, str] = {}
+        for item in (i.strip() for i in self.suites.split(",") if i.strip()):
+            name, sep, pairs = item.partition("=")
+            if not sep or not pairs or not SUITE_NAME.match(name) or name == IN_DISTRIBUTION or name in out:
+                raise KTError(f"--suites item {item!r} is not NAME=PAIRS with a new name of letters, digits, "
+                              f"'_', '-' or '.' (not {IN_DISTRIBUTION!r}); e.g. --suites adam=<run id>,long=<folder>.")
+            out[name] = pairs
+        return out
+
+    def validate(self) -> None:
+        super().validate()
+        self.suite_pairs()
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Each member has its own initialisation, its own data order and its own BN statistics; the loss is
 the sum of the members' mean cross-entropies, so every member receives exactly the gradient it would
-get alone and SGD (with momentum, element-wise) updates it exactly as it would alone. Generation,
+get alone and the optimiser (SGD, Adam or AdamW: element-wise) updates it exactly as it would alone. Generation,
 evaluation and fine-tuning all run through here.
 """
 from __future__ import annotations
@@ -70,6 +70,17 @@ class _KeepHeap:
             self.libc.mallopt(self.M_TRIM_THRESHOLD, self.DEFAULT_TRIM)
 
 
+def make_optimizer(params: Iterable[nn.Parameter], schedule: PairSchedule) -> torch.optim.Optimizer:
+    """The schedule's optimiser. Each is element-wise, so every member of a stacked network is updated
+    exactly as it would be alone."""
+    params, lr, wd = list(params), schedule.lr, schedule.weight_decay
+    if schedule.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=schedule.momentum, weight_decay=wd)
+
+
 def train_members(
     net: nn.Module,
     params: Iterable[nn.Parameter],
@@ -82,12 +93,14 @@ def train_members(
     bar: Optional[tqdm] = None,
     on_epoch: Optional[Callable[[int], None]] = None,
 ) -> None:
-    """SGD-train the stacked ``net`` (members = len(seeds)); modes (train/eval) are the caller's choice.
+    """Train the stacked ``net`` (members = len(seeds)) by ``schedule``; modes (train/eval) are the caller's choice.
 
     ``on_epoch(epoch)`` runs after each epoch (e.g. to measure accuracy along the way).
     """
     k, n = len(seeds), len(x)
-    opt = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum)
+    opt = make_optimizer(params, schedule)
+    steps = epochs * -(-n // schedule.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule.lr_schedule == "cosine" else None
     plans = [epoch_plans(s, phase, epochs, n) for s in seeds]
     # Every image and its mirror image, once: a flip is then a choice of index, and one gather builds
     # the whole (b, K, C, H, W) batch in the stacked network's member-major order.
@@ -115,6 +128,8 @@ def train_members(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
             if bar is not None:
                 bar.update(1)
             if on_epoch is not None:

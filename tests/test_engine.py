@@ -1,0 +1,43 @@
+"""The engine: each member of a stacked network trains exactly as it would alone, whatever the optimiser."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kt_mlflow.blocks import create_family
+from kt_mlflow.config import GenerateConfig, PairSchedule
+from kt_mlflow.data import load_dataset
+from kt_mlflow.pairs.make import train_pairs
+
+
+def _float64_digits(n: int = 96):
+    data = load_dataset("digits")
+    return dataclasses.replace(data, train_x=data.train_x[:n].double(), train_y=data.train_y[:n],
+                               test_x=data.test_x[:64].double(), test_y=data.test_y[:64])
+
+
+@pytest.mark.parametrize("optimizer, lr, lr_schedule", [("sgd", 0.01, "cosine"), ("adam", 0.003, "constant"),
+                                                         ("adamw", 0.003, "cosine")])
+def test_stacked_members_train_as_they_would_alone(optimizer, lr, lr_schedule):
+    family, data = create_family("paper_mnist"), _float64_digits()
+    schedule = PairSchedule(epochs=2, small_epochs=1, lr=lr, batch_size=32, optimizer=optimizer,
+                            weight_decay=0.01, lr_schedule=lr_schedule)
+    together = train_pairs(family, [3, 5], data, schedule, torch.device("cpu"), kernels="torch")
+    for i, seed in enumerate((3, 5)):
+        alone = train_pairs(family, [seed], data, schedule, torch.device("cpu"), kernels="torch")
+        for part in ("begin", "large", "last", "small"):
+            for key, value in alone[part][0].items():
+                torch.testing.assert_close(together[part][i][key], value, rtol=1e-9, atol=1e-11)
+    sgd = train_pairs(family, [3], data, dataclasses.replace(schedule, optimizer="sgd", lr=0.01),
+                      torch.device("cpu"), kernels="torch")
+    assert optimizer == "sgd" or not torch.allclose(sgd["large"][0]["conv1.weight"], together["large"][0]["conv1.weight"])
+
+
+def test_new_protocol_options_keep_earlier_settings_and_enter_the_settings_when_used():
+    plain = GenerateConfig().settings()
+    assert "optimizer" not in plain and "lr_schedule" not in plain and "weight_decay" not in plain
+    adam = GenerateConfig(optimizer="adam", lr=0.001, lr_schedule="cosine").settings()
+    assert adam["optimizer"] == "adam" and adam["lr_schedule"] == "cosine" and "weight_decay" not in adam
+    assert GenerateConfig(optimizer="adam").folder() != GenerateConfig().folder()
