@@ -24,6 +24,7 @@ from .errors import KTError
 from .family_file import looks_like_file
 from .io import check_output_file, check_output_folder
 from .paths import pairs_folder
+from .protocols import ALL_SHIFTED, PROTOCOLS
 from .recipes import RECIPES, get_recipe
 
 AUGMENT_ON = ("source", "target", "both")
@@ -267,26 +268,43 @@ class EvaluateConfig(DataOptions):
     pairs: Optional[str] = option(None, "pair folder or generate run id whose val networks are evaluated "
                                         "(default: the folder `kt generate` fills with its default settings)")
     baselines: str = option(",".join(DEFAULT_BASELINES), "comma-separated baselines: random, identity, uniform, l1")
-    suites: str = option("", "held-out sets trained other ways, evaluated in the same run: NAME=PAIRS[,NAME=PAIRS] "
-                             "(each a pair folder or generate run id; docs/usage.md#evaluate)")
+    suites: str = option("", "held-out networks trained other ways, scored in the same run: protocol names "
+                             "(or 'shifted' for all) and NAME=PAIRS items, comma-separated (docs/usage.md#shifted-suites)")
+    suite_networks: int = option(32, "held-out networks per named protocol suite")
 
     @property
     def baseline_names(self) -> List[str]:
         return [b for b in self.baselines.split(",") if b]
 
-    def suite_pairs(self) -> Dict[str, str]:
-        """``--suites`` as {name: pairs}, in the order given."""
-        out: Dict[str, str] = {}
+    def suite_pairs(self) -> Dict[str, Optional[str]]:
+        """``--suites`` as {name: pairs}, in the order given; pairs None: a named protocol's held-out
+        networks (``protocols.PROTOCOLS``), made when not there yet."""
+        out: Dict[str, Optional[str]] = {}
         for item in (i.strip() for i in self.suites.split(",") if i.strip()):
             name, sep, pairs = item.partition("=")
-            if not sep or not pairs or not SUITE_NAME.match(name) or name == IN_DISTRIBUTION or name in out:
-                raise KTError(f"--suites item {item!r} is not NAME=PAIRS with a new name of letters, digits, "
+            named = [] if sep else list(PROTOCOLS) if name == ALL_SHIFTED else [name]
+            if not sep and not set(named) <= set(PROTOCOLS):
+                raise KTError(f"--suites {name!r} is no protocol; name one of {', '.join(PROTOCOLS)} (or "
+                              f"{ALL_SHIFTED} for all), or give NAME=PAIRS.")
+            if sep and (not pairs or not SUITE_NAME.match(name) or name == IN_DISTRIBUTION):
+                raise KTError(f"--suites item {item!r} is not NAME=PAIRS with a name of letters, digits, "
                               f"'_', '-' or '.' (not {IN_DISTRIBUTION!r}); e.g. --suites adam=<run id>,long=<folder>.")
-            out[name] = pairs
+            for n in named or [name]:
+                if n in out:
+                    raise KTError(f"--suites names {n!r} twice; give each suite once.")
+                out[n] = pairs if sep else None
         return out
+
+    def suite_config(self, name: str, family: str) -> GenerateConfig:
+        """The ``kt generate`` settings of protocol ``name``'s held-out networks for ``family``."""
+        options = dict(PROTOCOLS[name])
+        seed = self.seed + int(options.pop("seed_offset", 0))
+        return GenerateConfig(dataset=self.dataset, data_root=self.data_root, colour=self.colour, device=self.device,
+                              seed=seed, family=family, n_pairs=0, n_val=self.suite_networks, **options)
 
     def validate(self) -> None:
         super().validate()
+        _check_min(self, "suite_networks", 1)
         self.suite_pairs()
 
 

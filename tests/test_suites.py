@@ -14,6 +14,7 @@ from kt_mlflow.errors import KTError
 from kt_mlflow.evaluation.suites import WORST_TAG
 from kt_mlflow.pairs.generate import generate_pairs
 from kt_mlflow.pairs.store import sidecars
+from kt_mlflow.protocols import PROTOCOLS
 from kt_mlflow.steps.evaluate import run_evaluate
 from kt_mlflow.tracking.models import log_translator
 from kt_mlflow.translators import create_translator
@@ -60,7 +61,29 @@ def test_every_suite_is_scored_in_one_run_and_the_worst_is_a_metric(suites, tiny
     assert {"suite adam", "suite short"} <= set(contexts)
 
 
-@pytest.mark.parametrize("spec", ["adam", "=x", "in_distribution=x", "a=x,a=y", "bad name=x"])
-def test_a_bad_suites_flag_is_one_line(spec):
-    with pytest.raises(KTError, match="--suites item .* is not NAME=PAIRS"):
+@pytest.mark.parametrize("spec, problem", [("=x", "is not NAME=PAIRS"), ("in_distribution=x", "is not NAME=PAIRS"),
+                                           ("bad name=x", "is not NAME=PAIRS"), ("a=x,a=y", "names 'a' twice"),
+                                           ("adam,shifted", "names 'adam' twice"), ("adma", "'adma' is no protocol")])
+def test_a_bad_suites_flag_is_one_line(spec, problem):
+    with pytest.raises(KTError, match=problem):
         EvaluateConfig(suites=spec).validate()
+    assert list(EvaluateConfig(suites="shifted").suite_pairs()) == list(PROTOCOLS)
+
+
+def test_a_named_protocol_makes_its_held_out_networks_once(tiny_pairs, local_tracking, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KT_HOME", str(tmp_path / "home"))
+    family = create_family("paper_mnist")
+    large = {k: v[None] for k, v in family.large_block().state_dict().items() if v.is_floating_point()}
+    with mlflow.start_run():
+        log_translator(create_translator("channel_set", family, bn_aware=True, depth=1, width=8), large, "kt-named")
+    cfg = EvaluateConfig(model="kt-named", pairs=str(tiny_pairs), dataset="digits", suites="one_epoch",
+                         suite_networks=3, baselines="random")
+    run_id, _ = run_evaluate(cfg)
+    (folder,) = (tmp_path / "home" / "pairs").iterdir()
+    (meta,) = sidecars(folder, "val")
+    assert meta["count"] == 3 and meta["settings"]["epochs"] == 1 and meta["settings"]["small_epochs"] == 1
+    assert "suite_one_epoch/gap_closed" in mlflow.get_run(run_id).data.metrics
+    assert "3 pairs made" in capsys.readouterr().out
+    run_evaluate(cfg)                                                  # the second run reuses them
+    assert "0 pairs made, 3 already there" in capsys.readouterr().out

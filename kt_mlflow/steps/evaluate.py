@@ -1,16 +1,22 @@
 """``evaluate`` as a tracked MLflow step: a registered translator against the data-free baselines."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import pandas as pd
 
+from ..blocks import BlockFamily, family_spec, is_registered
 from ..config import IN_DISTRIBUTION, EvaluateConfig, default_pairs
 from ..evaluation.compare import summary_table
 from ..evaluation.evaluator import EvalSettings, prepare_comparison, run_comparison
 from ..evaluation.plots import log_evaluation
 from ..evaluation.suites import log_suites, suite_row
+from ..io import atomic_write_json
+from ..pairs.generate import GenerationJob
+from ..paths import data_home
 from ..tracking.datasets import log_pair_input, resolve_pairs
 from ..tracking.models import load_translator, model_uri
 from ..tracking.runs import log_family, step_run
@@ -26,7 +32,8 @@ def run_evaluate(cfg: EvaluateConfig, *, experiment: Optional[str] = None,
     settings.check_baselines()
     translator = load_translator(cfg.model)
     prepared = prepare_comparison(translator, settings)   # pairs and images checked before the run opens
-    suites = {name: replace(settings, pairs=spec) for name, spec in cfg.suite_pairs().items()}
+    suites = {name: replace(settings, pairs=spec or suite_folder(cfg, name, translator.family))
+              for name, spec in cfg.suite_pairs().items()}
     suites_prepared = {name: prepare_comparison(translator, s) for name, s in suites.items()}
     params = {**cfg.as_params(), "pairs": pairs, "model_uri": model_uri(cfg.model)}
     with step_run("evaluate", params, run_name=f"evaluate {cfg.model}", nested=nested, experiment=experiment,
@@ -43,6 +50,24 @@ def run_evaluate(cfg: EvaluateConfig, *, experiment: Optional[str] = None,
         if suites:
             _evaluate_suites(translator, pairs, df, suites, suites_prepared)
         return run.info.run_id, summary
+
+
+def suite_folder(cfg: EvaluateConfig, name: str, family: BlockFamily) -> str:
+    """Protocol ``name``'s held-out networks for ``family``, made now unless a previous run made them."""
+    if is_registered(family):
+        label = family.name
+    else:   # a family from a file: stored once as JSON in the data home, so generate can read it
+        spec = family_spec(family)
+        text = json.dumps(spec, sort_keys=True)
+        path = data_home() / "families" / f"{family.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, spec)
+        label = str(path)
+    job = GenerationJob(cfg.suite_config(name, label))
+    print(f"evaluate: suite {name}: held-out networks in {job.folder}")
+    job.run()
+    return str(job.folder)
 
 
 def _evaluate_suites(translator, pairs: str, df: pd.DataFrame, suites: Dict[str, EvalSettings], prepared) -> None:
