@@ -17,7 +17,16 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__
-from .config import CompressConfig, EvaluateConfig, GenerateConfig, MainConfig, RegisterConfig, SweepConfig, TrainConfig
+from .config import (
+    CompressConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    MainConfig,
+    RegisterConfig,
+    SweepConfig,
+    TrainConfig,
+)
 from .distributed import process_group, world
 from .errors import KTError
 
@@ -50,6 +59,9 @@ STEPS: Dict[str, Step] = {
                      "kt register --translator ~/.cache/kt-mlflow/translators/NAME-TIME"),
     "main": Step(MainConfig, "steps.main:run_main", "the quickstart: generate -> train -> evaluate as child runs",
                  "kt main"),
+    "finetune": Step(FinetuneConfig, "steps.finetune:run_finetune",
+                     "compress a saved base network, then fine-tune its small block on data beside random init "
+                     "and selection", "kt finetune --model kt-paper_mnist-channel_set --input model.pt --output small.pt"),
     "compress": Step(CompressConfig, "steps.compress:run_compress",
                      "compress a saved base network with a registered translator (data-free)",
                      "kt compress --model kt-paper_mnist-channel_set --input model.pt --block layer1.0 --output small.pt",

@@ -444,6 +444,34 @@ class RegisterConfig(StepConfig):
 
 
 @dataclass
+class FinetuneConfig(DataOptions):
+    """Compress a saved base network, then fine-tune the small block on data, beside other starting points."""
+
+    model: str = option("kt-paper_mnist-channel_set", "registered name, models:/NAME@alias or runs:/ID/translator")
+    input: str = option("", "state dict of a trained base network (kt's module names: begin.*, block.*, last.*)")
+    output: str = option("", "where to write the compressed network with its fine-tuned small block")
+    epochs: int = option(5, "fine-tuning epochs of the small block (begin and last stay frozen)")
+    baselines: str = option("random,l1", "other starting points fine-tuned alongside: random, identity, uniform, l1")
+    lr: float = option(0.01, "SGD learning rate")
+    batch_size: int = option(128, "images per step")
+
+    @property
+    def baseline_names(self) -> List[str]:
+        return [b for b in self.baselines.split(",") if b]
+
+    def validate(self) -> None:
+        super().validate()
+        _check_min(self, "epochs batch_size", 1)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise KTError(f"--lr must be a finite number > 0, got {self.lr}.")
+        if not self.input:
+            raise KTError("--input is required: the state dict of the trained base network to compress.")
+        if not self.output:
+            raise KTError("--output is required: where to write the fine-tuned compressed network.")
+        check_output_file(Path(self.output), "--output")
+
+
+@dataclass
 class CompressConfig(StepConfig):
     model: str = option(help="registered name, models:/NAME@alias, or runs:/ID/translator")
     input: str = option(help="state dict of a trained base network, or with --block any checkpoint "

@@ -139,7 +139,7 @@ def train_members(
 @torch.inference_mode()
 def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: int, chunk: int = 256) -> torch.Tensor:
     """Test accuracy (in %) of each member of a stacked network on the same images."""
-    was_training = net.training
+    modes = [(m, m.training) for m in net.modules()]   # per module: a frozen part stays in eval mode
     net.eval()
     correct = torch.zeros(members, device=x.device)
     # Small chunks keep activations in cache on a CPU; the heap keeps their pages between chunks.
@@ -149,7 +149,8 @@ def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: 
             out = net(net.stack_input(xb[:, None].expand(-1, members, -1, -1, -1)))
             pred = out.view(len(xb), members, -1).argmax(-1)  # (b, K)
             correct += (pred == y[start: start + chunk, None]).sum(0)
-    net.train(was_training)
+    for module, training in modes:
+        module.training = training
     return correct * 100.0 / len(x)
 
 

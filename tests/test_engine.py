@@ -41,3 +41,14 @@ def test_new_protocol_options_keep_earlier_settings_and_enter_the_settings_when_
     adam = GenerateConfig(optimizer="adam", lr=0.001, lr_schedule="cosine").settings()
     assert adam["optimizer"] == "adam" and adam["lr_schedule"] == "cosine" and "weight_decay" not in adam
     assert GenerateConfig(optimizer="adam").folder() != GenerateConfig().folder()
+
+
+def test_measuring_accuracy_leaves_every_modules_mode_as_it_was():
+    from kt_mlflow.engine import accuracy_members
+
+    family, data = create_family("paper_mnist"), load_dataset("digits")
+    net = family.compressed_network(2).train()
+    net.begin.eval()                                   # frozen, as fine-tuning keeps it
+    before = {name: m.training for name, m in net.named_modules()}
+    accuracy_members(net, data.test_x[:16], data.test_y[:16], 2)
+    assert {name: m.training for name, m in net.named_modules()} == before and not net.begin.training

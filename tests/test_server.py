@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": [], "train": [], "evaluate": [], "main": [], "sweep": ["--n-trials", "1"],
     "compress": ["--model", "kt-x", "--input", "missing.pt", "--output", "out.pt"],
     "register": ["--translator", "kept"],
+    "finetune": ["--input", "missing.pt", "--output", "out.pt"],
 }
 
 

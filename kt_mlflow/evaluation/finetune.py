@@ -6,13 +6,13 @@ networks and all starting points train at once as members of one stacked network
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from ..blocks import BlockFamily, fold_members
+from ..blocks import BlockFamily, fold_members, unstack_state
 from ..config import PairSchedule
 from ..engine import accuracy_members, train_members
 from ..pairs.store import PairSet
@@ -24,6 +24,13 @@ def finetune_curves(family: BlockFamily, val: PairSet, data, inits: Mapping[str,
                     epochs: Sequence[int] = (0, 1, 2, 5), schedule: PairSchedule = PairSchedule(),
                     device: torch.device = torch.device("cpu")) -> pd.DataFrame:
     """Rows (method, epoch, network, accuracy) for every starting point in ``inits`` (stacked small blocks)."""
+    return finetune(family, val, data, inits, epochs, schedule, device)[0]
+
+
+def finetune(family: BlockFamily, val: PairSet, data, inits: Mapping[str, Mapping[str, torch.Tensor]],
+             epochs: Sequence[int] = (0, 1, 2, 5), schedule: PairSchedule = PairSchedule(),
+             device: torch.device = torch.device("cpu")) -> Tuple[pd.DataFrame, Dict[str, Dict[str, torch.Tensor]]]:
+    """``finetune_curves``'s rows, and each starting point's fine-tuned small blocks (stacked, on the CPU)."""
     names = list(inits)
     n = len(val)
     k = n * len(names)
@@ -51,7 +58,9 @@ def finetune_curves(family: BlockFamily, val: PairSet, data, inits: Mapping[str,
     net.block.train()
     train_members(net, net.block.parameters(), x, y, seeds, FINETUNE_PHASE, max(epochs), schedule,
                   on_epoch=lambda e: record(e + 1))
-    return pd.DataFrame(rows)
+    tuned = unstack_state({key: v.detach().cpu() for key, v in net.block.state_dict().items()}, k)
+    per_pair = lambda states: {key: torch.stack([st[key] for st in states]) for key in states[0]}  # noqa: E731
+    return pd.DataFrame(rows), {m: per_pair(tuned[i * n: (i + 1) * n]) for i, m in enumerate(names)}
 
 
 def finetune_figure(df: pd.DataFrame) -> go.Figure:
