@@ -16,7 +16,7 @@ import hashlib
 import math
 import posixpath
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -24,7 +24,7 @@ from .errors import KTError
 from .family_file import looks_like_file
 from .io import check_output_file, check_output_folder
 from .paths import pairs_folder
-from .protocols import ALL_SHIFTED, PROTOCOLS
+from .protocols import ALL_SHIFTED, BASE_PROTOCOL, PROTOCOLS
 from .recipes import RECIPES, get_recipe
 
 AUGMENT_ON = ("source", "target", "both")
@@ -144,15 +144,39 @@ class GenerateConfig(DataOptions):
     lr_schedule: str = option("constant", "learning rate over each network's steps: constant or cosine (to 0)",
                               LR_SCHEDULES)
 
+    protocols: str = option("", "a mixture: each shard trained by one of these protocols, drawn by its seed "
+                                "(comma-separated names of kt_mlflow/protocols.py, 'base' for the options above, "
+                                "'shifted' for all but other_seeds); empty: the options above for every pair")
+
     @property
     def schedule(self) -> PairSchedule:
         return PairSchedule(self.epochs, self.small_epochs, self.lr, self.momentum, self.batch_size, self.flip,
                             self.optimizer, self.weight_decay, self.lr_schedule)
 
+    def protocol_names(self) -> List[str]:
+        """``--protocols`` as a list of names (empty: no mixture)."""
+        names: List[str] = []
+        for name in (n.strip() for n in self.protocols.split(",") if n.strip()):
+            expanded = [p for p in PROTOCOLS if "seed_offset" not in PROTOCOLS[p]] if name == ALL_SHIFTED else [name]
+            for n in expanded:
+                if n != BASE_PROTOCOL and (n not in PROTOCOLS or "seed_offset" in PROTOCOLS[n]):
+                    raise KTError(f"--protocols {n!r} is no training protocol of a pair; name some of {BASE_PROTOCOL}, "
+                                  f"{', '.join(p for p in PROTOCOLS if 'seed_offset' not in PROTOCOLS[p])} or {ALL_SHIFTED}.")
+                if n in names:
+                    raise KTError(f"--protocols names {n!r} twice; give each once.")
+                names.append(n)
+        return names
+
+    def protocol_schedule(self, name: str) -> PairSchedule:
+        """How a pair of protocol ``name`` is trained: these options with the protocol's over them."""
+        return self.schedule if name == BASE_PROTOCOL else replace(self.schedule, **PROTOCOLS[name])
+
     def settings(self) -> Dict[str, Any]:
         """What makes pairs comparable: two runs with equal settings write interchangeable shards."""
         colour = {"colour": True} if self.colour else {}  # absent when off: earlier pair sets keep their digests
-        return {"family": self.family, "dataset": self.dataset, **colour, "seed": self.seed, **self.schedule.as_params()}
+        mixture = {"protocols": ",".join(self.protocol_names())} if self.protocols else {}
+        return {"family": self.family, "dataset": self.dataset, **colour, "seed": self.seed, **self.schedule.as_params(),
+                **mixture}
 
     def folder(self) -> str:
         """``output``, or the folder these settings own in the data home (same settings, same folder)."""
@@ -180,6 +204,7 @@ class GenerateConfig(DataOptions):
             raise KTError(f"--momentum must be in [0, 1), got {self.momentum}.")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise KTError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}.")
+        self.protocol_names()
         if self.output:
             check_output_folder(Path(self.output), "--output")
 

@@ -25,4 +25,5 @@ PROTOCOLS: Dict[str, Dict[str, object]] = {
     "batch32": {"batch_size": 32},
     "other_seeds": {"seed_offset": 1},   # networks from the next seed range: --seed + 1
 }
-ALL_SHIFTED = "shifted"   # --suites shifted: every protocol above
+ALL_SHIFTED = "shifted"   # --suites shifted: every protocol above (--protocols shifted: all but other_seeds)
+BASE_PROTOCOL = "base"    # in a --protocols mixture: the command's own options

@@ -52,3 +52,27 @@ def test_measuring_accuracy_leaves_every_modules_mode_as_it_was():
     before = {name: m.training for name, m in net.named_modules()}
     accuracy_members(net, data.test_x[:16], data.test_y[:16], 2)
     assert {name: m.training for name, m in net.named_modules()} == before and not net.begin.training
+
+
+def test_a_protocol_mixture_trains_each_shard_by_its_drawn_protocol(tmp_path):
+    from kt_mlflow.pairs.generate import generate_pairs, shard_protocol
+    from kt_mlflow.pairs.store import load_split, sidecars
+
+    common = dict(dataset="digits", n_pairs=6, n_val=2, members=1, epochs=1, small_epochs=1, workers=1)
+    mixed = GenerateConfig(output=str(tmp_path / "mixed"), protocols="base,adam", **common)
+    generate_pairs(mixed)
+    metas = sidecars(tmp_path / "mixed", "train") + sidecars(tmp_path / "mixed", "val")
+    drawn = [m["pairs"][0]["protocol"] for m in metas]
+    assert set(drawn) == {"base", "adam"} and all(m["settings"]["protocols"] == "base,adam" for m in metas)
+    assert drawn[0] == shard_protocol(mixed, "train", 0)
+    adam = GenerateConfig(output=str(tmp_path / "adam"), optimizer="adam", lr=0.001, **common)
+    generate_pairs(adam)
+    base = GenerateConfig(output=str(tmp_path / "base"), **common)
+    generate_pairs(base)
+    pure = {name: load_split(tmp_path / name, "train") for name in ("adam", "base")}
+    got = load_split(tmp_path / "mixed", "train")
+    for i, name in enumerate(drawn[:6]):                 # each mixed pair is the pure protocol's pair, bit for bit
+        for key, value in got.tensors.items():
+            assert torch.equal(value[i], pure[name].tensors[key][i]), (i, name, key)
+    with pytest.raises(Exception, match="'other_seeds' is no training protocol of a pair"):
+        GenerateConfig(protocols="base,other_seeds").validate()

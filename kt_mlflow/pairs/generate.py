@@ -13,15 +13,16 @@ Example:
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ..blocks import BlockFamily, family_spec, is_registered, non_finite
-from ..config import GenerateConfig
+from ..config import GenerateConfig, PairSchedule
 from ..device import cpu_share
 from ..distributed import all_sum, barrier, world
 from ..errors import KTError
@@ -125,13 +126,15 @@ class GenerationJob:
         done = _done(folder, plan, self.metas)
         todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
                 for split, first, n in plan if (split, first, n) not in done}
-        epochs = cfg.schedule.epochs + cfg.schedule.small_epochs
-        bar = tqdm(total=sum(len(s) for s in todo.values()) * epochs, unit="net-epoch", dynamic_ncols=True,
+        protocols = {key: shard_protocol(cfg, *key[:2]) for key in todo} if cfg.protocols else {}
+        schedules = {key: cfg.protocol_schedule(name) for key, name in protocols.items()}
+        total = sum(len(seeds) * _epochs(schedules.get(key, cfg.schedule)) for key, seeds in todo.items())
+        bar = tqdm(total=total, unit="net-epoch", dynamic_ncols=True,
                    desc="generate" if not rank.distributed else f"generate rank {rank.rank}", position=rank.local_rank)
         made, start = 0, time.perf_counter()
         with trainer:
-            for (split, first, n), out in trainer.run(todo, bar):
-                records = _records(out, first, todo[split, first, n])
+            for (split, first, n), out in trainer.run(todo, bar, schedules):
+                records = _records(out, first, todo[split, first, n], protocols.get((split, first, n)))
                 tensors = {f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
                            for part in ("begin", "large", "last", "small") for k in out[part][0]}
                 _check_finite(tensors, split, first, n)
@@ -174,9 +177,21 @@ def generate_pairs(cfg: GenerateConfig, on_shard=None) -> Dict[str, object]:
     return GenerationJob(cfg).run(on_shard)
 
 
-def _records(out: Dict[str, object], first: int, seeds: List[int]) -> List[Dict[str, object]]:
+def shard_protocol(cfg: GenerateConfig, split: str, first: int) -> str:
+    """The protocol that trains the shard of ``split`` starting at ``first``: drawn uniformly from
+    ``--protocols`` by the seed and the shard alone, so any rank or rerun draws the same."""
+    return random.Random(f"{cfg.seed}:{split}:{first}").choice(cfg.protocol_names())
+
+
+def _epochs(schedule: PairSchedule) -> int:
+    return schedule.epochs + schedule.small_epochs
+
+
+def _records(out: Dict[str, object], first: int, seeds: List[int],
+             protocol: Optional[str] = None) -> List[Dict[str, object]]:
+    mixture = {"protocol": protocol} if protocol else {}
     return [{"index": first + i, "seed": seed, "base_acc": round(float(out["base_acc"][i]), 4),
-             "small_acc": round(float(out["small_acc"][i]), 4)} for i, seed in enumerate(seeds)]
+             "small_acc": round(float(out["small_acc"][i]), 4), **mixture} for i, seed in enumerate(seeds)]
 
 
 def _same_bits(metas: Dict[str, List[dict]]) -> str:

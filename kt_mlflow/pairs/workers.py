@@ -85,15 +85,17 @@ class ShardTrainer:
         made = {"kernels": self.kernels, "device": self.device.type}
         return {**made, "threads": self.threads} if self.device.type == "cpu" else made
 
-    def run(self, shards: Mapping[Hashable, Sequence[int]],
-            bar: Optional[tqdm] = None) -> Iterator[Tuple[Hashable, Dict[str, object]]]:
-        self.bar = bar
+    def run(self, shards: Mapping[Hashable, Sequence[int]], bar: Optional[tqdm] = None,
+            schedules: Optional[Mapping[Hashable, PairSchedule]] = None) -> Iterator[Tuple[Hashable, Dict[str, object]]]:
+        """``schedules``: a shard's own schedule where it is not this trainer's (a protocol mixture)."""
+        self.bar, schedules = bar, schedules or {}
         if self.pool is None:
             for key, seeds in shards.items():
-                yield key, train_pairs(self.family, list(seeds), self.data, self.schedule, self.device,
-                                       bar=_Scaled(self.bar, len(seeds)), kernels=self.kernels)
+                yield key, train_pairs(self.family, list(seeds), self.data, schedules.get(key, self.schedule),
+                                       self.device, bar=_Scaled(self.bar, len(seeds)), kernels=self.kernels)
             return
-        pending: Dict[Future, Hashable] = {self.pool.submit(_train_shard, list(s)): k for k, s in shards.items()}
+        pending: Dict[Future, Hashable] = {self.pool.submit(_train_shard, list(s), schedules.get(k)): k
+                                           for k, s in shards.items()}
         try:
             while pending:
                 done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -168,7 +170,7 @@ def _start_worker(family: str, dataset: str, data_root: Optional[str], colour: b
                    kernels=kernels, progress=progress)
 
 
-def _train_shard(seeds: Sequence[int]) -> Dict[str, object]:
+def _train_shard(seeds: Sequence[int], schedule: Optional[PairSchedule] = None) -> Dict[str, object]:
     w = _WORKER
-    return train_pairs(w["family"], list(seeds), w["data"], w["schedule"], torch.device("cpu"),
+    return train_pairs(w["family"], list(seeds), w["data"], schedule or w["schedule"], torch.device("cpu"),
                        bar=_QueueBar(w["progress"], len(seeds)), kernels=w["kernels"])
