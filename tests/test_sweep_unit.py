@@ -221,11 +221,6 @@ def test_move_champion_settles_on_the_best(tracking):
     assert str(client.get_model_version_by_alias(name, "champion").version) == good
 
 
-def test_credentials_in_the_query_string_are_redacted_too():
-    url = "postgresql://me:pw@db:5432/optuna?password=pw2&sslmode=require&sslkey=/k.pem&api_token=t"
-    assert st.redact(url) == "postgresql://me:***@db:5432/optuna?password=***&sslmode=require&sslkey=***&api_token=***"
-
-
 def test_a_restarted_worker_goes_on_sampling_instead_of_replaying(pairs, tracking, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = SweepConfig(**{**TINY, "epochs_min": 1, "epochs_max": 1}, pairs=str(pairs), study_name="restart",

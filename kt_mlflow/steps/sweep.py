@@ -33,6 +33,7 @@ from ..engine import network_accuracy
 from ..errors import KTError, first_line
 from ..pairs.store import digest as folder_digest
 from ..paths import default_storage
+from ..redact import redact
 from ..sweep import study as st
 from ..sweep.space import describe
 from ..sweep.trial import TrialRunner, follow_trials
@@ -111,16 +112,16 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     st.fail_stale(study)
     study.sampler = st.make_sampler(cfg.sampler, st.sampler_seed(cfg.seed, cfg.worker,
                                                                  len(study.get_trials(deepcopy=False))))
-    params = {**cfg.as_params(), "pairs": pairs, "storage": st.redact(storage), "registered_name": name,
+    params = {**cfg.as_params(), "pairs": pairs, "storage": redact(storage), "registered_name": name,
               "family": family.name, "n_train_pairs": len(train), "n_val": len(val)}
     with step_run("sweep", params, run_name=f"sweep {cfg.study_name} worker {cfg.worker}", nested=nested,
                   experiment=experiment, family=family.name) as parent:
         mlflow.set_tags({"kt.study": cfg.study_name, "kt.worker": f"{socket.gethostname()}:{os.getpid()}",
-                         "kt.storage": st.redact(storage), champion.VAL_DIGEST_TAG: val_digest,
+                         "kt.storage": redact(storage), champion.VAL_DIGEST_TAG: val_digest,
                          champion.PAIRS_DIGEST_TAG: pairs_digest})
         log_family(family)
         _log_input_retrying(lambda: log_pair_input(folder, pairs, "training"))
-        print(f"sweep: worker {cfg.worker} joins study {cfg.study_name!r} at {st.redact(storage)} "
+        print(f"sweep: worker {cfg.worker} joins study {cfg.study_name!r} at {redact(storage)} "
               f"({len(study.get_trials(deepcopy=False))} trials so far; device {device}; "
               f"n_trials {cfg.n_trials}, timeout {cfg.timeout})", flush=True)
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 import time
 import warnings
 from pathlib import Path
@@ -20,24 +19,13 @@ from mlflow.tracking import MlflowClient
 
 from ..errors import KTError, first_line
 from ..pairs import store
+from ..redact import redact
 from ..tracking.figures import log_figure
 
 RUN_ID_ATTR = "mlflow_run_id"          # trial user attr: the trial's MLflow child run
 MODEL_URI_ATTR = "model_uri"           # trial user attr: the trial's logged translator
 MODEL_TAGS_ATTR = "model_tags"         # trial user attr: the translator's registry tags
 STATE_TAG, REASON_TAG = "kt.trial_state", "kt.trial_reason"
-
-
-def redact(url: str) -> str:
-    """The storage URL without its credentials (the password of its user info, and query-string values
-    such as ``password=`` or ``sslkey=``), for messages and params.
-
-    Example:
-        >>> redact("postgresql://me:pw@db/optuna?password=pw2&sslmode=require")
-        'postgresql://me:***@db/optuna?password=***&sslmode=require'
-    """
-    url = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-    return re.sub(r"([?&][^=&]*(?:pass|pwd|secret|token|key|cred)[^=&]*=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def _mark_mlflow_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -6,19 +6,14 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 import urllib.error
 import urllib.request
 from typing import Optional
 
 from ..errors import KTError
+from ..redact import redact
 
 TIMEOUT_ENV = "KT_TRACKING_TIMEOUT"   # seconds to wait for the server's answer (default 15)
-
-
-def _shown(uri: str) -> str:
-    """The URI without credentials (user info and query string)."""
-    return re.sub(r"\?.*$", "", re.sub(r"://[^/@]*@", "://", uri))
 
 
 def check_tracking_server(uri: Optional[str] = None) -> None:
@@ -37,5 +32,5 @@ def check_tracking_server(uri: Optional[str] = None) -> None:
         return
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise KTError(f"the MLflow tracking server {_shown(uri)} does not answer ({reason}); start it, or point "
+        raise KTError(f"the MLflow tracking server {redact(uri)} does not answer ({reason}); start it, or point "
                       f"MLFLOW_TRACKING_URI at one that runs (waited up to {timeout:g} s: {TIMEOUT_ENV}).") from None
