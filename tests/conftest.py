@@ -67,12 +67,13 @@ def tracking_server(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_mlflow_state(monkeypatch, tmp_path):
     """No experiment or run leaks between tests (mlflow.set_experiment() sets MLFLOW_EXPERIMENT_ID),
-    and MLflow writes into the test's own folder unless a test picks a store."""
+    and MLflow writes into the test's own folder (its working folder too) unless a test picks a store."""
     import mlflow
     from mlflow.tracking import fluent
 
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)   # a local store's ./mlruns lands in the test's folder, not the checkout
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/default-mlflow.db")
     mlflow.set_tracking_uri(None)
     while mlflow.active_run():
@@ -82,6 +83,8 @@ def fresh_mlflow_state(monkeypatch, tmp_path):
     while mlflow.active_run():
         mlflow.end_run()
     fluent._active_experiment_id = None
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        os.environ.pop(var, None)   # MLflow sets some of them itself; monkeypatch restores only what it set
 
 
 @pytest.fixture

@@ -42,16 +42,6 @@ def synthetic_tensors(n: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    """One local SQLite MLflow store for this module's tests (creating one takes seconds)."""
-    previous = mlflow.get_tracking_uri()
-    folder = tmp_path_factory.mktemp("mlflow")
-    mlflow.set_tracking_uri(f"sqlite:///{folder}/m.db")
-    yield folder
-    mlflow.set_tracking_uri(previous)
-
-
 def synthetic_pairs(n: int = 3) -> PairSet:
     return PairSet(dict(SETTINGS), synthetic_tensors(n), [{"index": i, "seed": 100 + i} for i in range(n)])
 
@@ -121,7 +111,7 @@ def test_scatter_figure_traces():
         scatter_figure(hand_df(), "l1")
 
 
-def test_log_evaluation_metrics_and_artifacts(tracking):
+def test_log_evaluation_metrics_and_artifacts(local_tracking):
     mlflow.set_experiment("kt-eval-test")
     df = hand_df()
     with mlflow.start_run() as run:
@@ -175,7 +165,7 @@ def test_settings_contract():
         kt_evaluator.EvalSettings.resolve(frame, {"baselines": ["magic"]})
 
 
-def test_evaluator_through_mlflow_evaluate(tracking, tmp_path, monkeypatch):
+def test_evaluator_through_mlflow_evaluate(local_tracking, tmp_path, monkeypatch):
     from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry as registry
 
     if not registry.is_registered("knowledge_translation"):  # entry point missing: not pip-installed

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import REPO
 from torch import nn
 
 import kt_mlflow
@@ -141,7 +142,7 @@ def test_a_block_of_another_structure_is_one_line_saying_found_and_expected(trai
 
 def test_a_transformer_mlp_block_with_linear_layers_is_swapped_on_its_tokens():
     """An MLP block written with nn.Linear on (B, N, d) tokens: matched by shape, swapped for a token block."""
-    fam = create_family("projects/families/mlp_patch.yaml")
+    fam = create_family(str(REPO / "projects" / "families" / "mlp_patch.yaml"))
 
     class Mixer(nn.Module):
         def __init__(self):
