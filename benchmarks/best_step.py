@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from synthetic import random_stack  # benchmarks/synthetic.py (scripts run from their folder)
 
 from kt_mlflow.blocks import create_family
 from kt_mlflow.config import TrainConfig
@@ -38,10 +39,7 @@ def synthetic_pairs(family, n: int) -> PairSet:
     g, tensors = torch.Generator().manual_seed(0), {}
     for part, module in (("begin", family.begin()), ("large", family.large_block()), ("last", family.last()),
                          ("small", family.small_block())):
-        for k, v in module.state_dict().items():
-            if v.is_floating_point():
-                x = 0.3 * torch.randn((n, *v.shape), generator=g)
-                tensors[f"{part}.{k}"] = x.abs() + 0.5 if "running_var" in k else x
+        tensors.update({f"{part}.{k}": v for k, v in random_stack(module, n, g, scale=0.3).items()})
     return PairSet({"family": family.name}, tensors, [{"index": i} for i in range(n)])
 
 

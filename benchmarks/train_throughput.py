@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic import random_stack  # benchmarks/synthetic.py (scripts run from their folder)
 from torch.utils.data import DataLoader, Dataset
 
 from kt_mlflow.blocks import create_family
@@ -26,11 +27,7 @@ from kt_mlflow.translators import create_translator, tokens
 def synthetic_pairs(family, n: int, seed: int):
     """Random large/small blocks with the family's shapes (throughput does not depend on the values)."""
     g = torch.Generator().manual_seed(seed)
-    large = {k: torch.randn((n, *v.shape), generator=g) for k, v in family.large_block().state_dict().items()
-             if v.is_floating_point()}
-    large = {k: (v.abs() + 0.5 if "running_var" in k else v) for k, v in large.items()}
-    small = {k: torch.randn((n, *v.shape), generator=g) for k, v in family.small_block().state_dict().items()}
-    return large, small
+    return random_stack(family.large_block(), n, g), random_stack(family.small_block(), n, g)
 
 
 class PairFiles(Dataset):
