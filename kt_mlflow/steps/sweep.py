@@ -107,11 +107,9 @@ def run_sweep(cfg: SweepConfig, *, experiment: Optional[str] = None, nested: boo
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     val_digest, pairs_digest = st.val_digest(folder, cfg.dataset), folder_digest(folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = st.load_study(cfg.study_name, db, st.make_sampler(cfg.sampler, st.sampler_seed(cfg.seed, cfg.worker, 0)),
+    study = st.load_study(cfg.study_name, db, cfg.sampler, cfg.seed, cfg.worker,
                           st.make_pruner(cfg.pruner, cfg.pruner_startup_trials))
     st.fail_stale(study)
-    study.sampler = st.make_sampler(cfg.sampler, st.sampler_seed(cfg.seed, cfg.worker,
-                                                                 len(study.get_trials(deepcopy=False))))
     params = {**cfg.as_params(), "pairs": pairs, "storage": redact(storage), "registered_name": name,
               "family": family.name, "n_train_pairs": len(train), "n_val": len(val)}
     with step_run("sweep", params, run_name=f"sweep {cfg.study_name} worker {cfg.worker}", nested=nested,

@@ -128,12 +128,14 @@ def make_pruner(name: str, startup_trials: int = 2) -> optuna.pruners.BasePruner
     return optuna.pruners.NopPruner()
 
 
-def load_study(name: str, storage: optuna.storages.BaseStorage, sampler: optuna.samplers.BaseSampler,
+def load_study(name: str, storage: optuna.storages.BaseStorage, sampler: str, seed: int, worker: int,
                pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Create the study or join it; a study made for minimising is refused."""
+    """Create the study or join it, with this worker's sampler seeded by the trials it finds
+    (``sampler_seed``); a study made for minimising is refused."""
     try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction="maximize", load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
+                                    pruner=pruner, direction="maximize", load_if_exists=True)
+        study.sampler = make_sampler(sampler, sampler_seed(seed, worker, len(study.get_trials(deepcopy=False))))
     except Exception as e:
         raise KTError(f"cannot create or load study {name!r} ({first_line(e, 200)}).") from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
