@@ -200,3 +200,25 @@ def test_channel_set_writes_what_the_soft_choice_over_written_kernels_gives():
     written = net.write(torch.cat([e[:, None].expand(-1, 3, -1, -1, -1), q], -1))     # (B, M, H, R, 2D)
     want = torch.einsum("bmh,bmhrd->bmrd", choice, written)
     torch.testing.assert_close(net._write(e, choice), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 2 * 3 * 6 * 6 * 5, 1 << 20])   # one pair, two pairs, all at once
+def test_chunked_choice_gelu_has_the_plain_expressions_values_and_gradients(chunk, monkeypatch):
+    """``ChoiceGelu`` (chunks formed in cache, formed again in the backward pass) in float64 against the
+    plain broadcast expression: values and the gradients of the edges, the queries and the choice."""
+    from kt_mlflow.translators.channel_set import ChoiceGelu
+
+    monkeypatch.setattr(ChoiceGelu, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    edge = torch.randn(5, 6, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)     # (B, H, R, F)
+    query = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)          # (M, F)
+    choice = torch.randn(5, 3, 6, generator=g, dtype=torch.float64).softmax(-1).requires_grad_()
+    upstream = torch.randn(5, 3, 6, 5, generator=g, dtype=torch.float64)
+    got = ChoiceGelu.apply(edge, query, choice)
+    grads = torch.autograd.grad((got * upstream).sum(), (edge, query, choice))
+    want = torch.einsum("bmh,bmhrf->bmrf", choice, torch.nn.functional.gelu(edge[:, None] + query[None, :, None, None]))
+    wants = torch.autograd.grad((want * upstream).sum(), (edge, query, choice))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(ChoiceGelu.apply, (edge, query, choice))

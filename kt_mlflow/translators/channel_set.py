@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KTError
@@ -82,5 +83,47 @@ class ChannelSetTranslator(nn.Module):
         to one, moves outside the sum. The same function in M times fewer multiply-adds."""
         first, act, last = self.write
         w_edge, w_query = first.weight.split(e.shape[-1], dim=1)
-        pre = (e @ w_edge.T)[:, None] + (self.queries @ w_query.T + first.bias)[None, :, None, None]  # (B, M, H, R, F)
-        return last(torch.einsum("bmh,bmhrf->bmrf", choice, act(pre)))
+        edge, query = e @ w_edge.T, self.queries @ w_query.T + first.bias                 # (B, H, R, F), (M, F)
+        if isinstance(act, nn.GELU) and act.approximate == "none":
+            return last(ChoiceGelu.apply(edge, query, choice))
+        return last(torch.einsum("bmh,bmhrf->bmrf", choice, act(edge[:, None] + query[None, :, None, None])))
+
+
+class ChoiceGelu(torch.autograd.Function):
+    """``y[b, m, r] = sum_h choice[b, m, h] gelu(edge[b, h, r] + query[m])``, a few pairs at a time.
+
+    The plain expression holds the (B, M, H, R, F) activations for the backward pass (536 MB per step
+    of 32 pairs for a 64 x 16 edge grid); here each chunk of pairs is formed in cache and formed again
+    in the backward pass, so memory stays (B, H, R, F) and every pass over the big tensor is one that
+    stays in cache. Exactly the same function and gradients (float64 test against the plain expression).
+    """
+
+    CHUNK = 1 << 20   # elements of the (pairs, M, H, R, F) tensor formed at once
+
+    @staticmethod
+    def _chunks(edge: torch.Tensor, query: torch.Tensor):
+        per_pair = query.shape[0] * edge[0].numel()
+        step = max(1, ChoiceGelu.CHUNK // per_pair)
+        for lo in range(0, edge.shape[0], step):
+            sl = slice(lo, lo + step)
+            yield sl, edge[sl, None] + query[None, :, None, None]              # (b, M, H, R, F)
+
+    @staticmethod
+    def forward(ctx, edge: torch.Tensor, query: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(edge, query, choice)
+        out = edge.new_empty(edge.shape[0], query.shape[0], *edge.shape[2:])
+        for sl, z in ChoiceGelu._chunks(edge, query):
+            out[sl] = torch.einsum("bmh,bmhrf->bmrf", choice[sl], F.gelu(z))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        edge, query, choice = ctx.saved_tensors
+        d_edge, d_query, d_choice = torch.empty_like(edge), torch.zeros_like(query), torch.empty_like(choice)
+        for sl, z in ChoiceGelu._chunks(edge, query):
+            g = grad[sl]                                                           # (b, M, R, F)
+            d_choice[sl] = torch.einsum("bmrf,bmhrf->bmh", g, F.gelu(z))
+            dz = torch.ops.aten.gelu_backward(choice[sl, :, :, None, None] * g[:, :, None], z)
+            torch.sum(dz, 1, out=d_edge[sl])
+            d_query += dz.sum((0, 2, 3))
+        return d_edge, d_query, d_choice
