@@ -89,6 +89,48 @@ def test_network_computes_only_the_positions_the_last_block_reads(which, trainin
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_strided_batch_norm_is_batch_norm_then_subsampling(interleaved, momentum):
+    """``StackedBatchNorm2d.strided`` (statistics over every position, only the kept ones normalised, its
+    backward as an affine map of the input) against ``nn.BatchNorm2d`` then ``[::2, ::2]``, float64:
+    outputs, gradients of input, weight and bias (through a ReLU and a subsampled residual, as in the
+    block), running statistics over three steps, in both channel layouts."""
+    from kt_mlflow.blocks.layers import StackedBatchNorm2d, member_order, set_interleaved, subsample
+
+    torch.manual_seed(0)
+    members, c = 3, 4
+    fast = StackedBatchNorm2d(c, members).double()
+    fast.momentum = momentum
+    ref = torch.nn.BatchNorm2d(members * c, momentum=momentum).double()
+    with torch.no_grad():
+        fast.weight.uniform_(-1.5, 1.5)
+        fast.bias.normal_()
+    ref.load_state_dict(fast.state_dict())
+    set_interleaved(fast, interleaved)
+    for _ in range(3):
+        z = (torch.randn(5, members * c, 9, 10, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+        res = torch.randn(5, members * c, 9, 10, dtype=torch.float64, requires_grad=True)
+        z_cl = z.contiguous(memory_format=torch.channels_last)
+        if interleaved:   # the same channels, in interleaved order for the fast layer
+            order = member_order(torch.arange(members * c), members)
+            z_in, res_in = z_cl[:, order], res[:, order].contiguous(memory_format=torch.channels_last)
+        else:
+            z_in, res_in = z_cl, res
+        out = torch.relu(fast.strided(z_in, 2) + subsample(res_in, 2))
+        want = torch.relu(ref(z)[:, :, ::2, ::2] + res[:, :, ::2, ::2])
+        if interleaved:
+            want = want[:, order]
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(want)
+        got_grads = torch.autograd.grad(out, (z, res, fast.weight, fast.bias), g)
+        want_grads = torch.autograd.grad(want, (z, res, ref.weight, ref.bias), g)
+        for name, a, b in zip(("input", "residual", "weight", "bias"), got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fast, name), getattr(ref, name), rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_init_pair_is_a_function_of_the_seed():
     fam = create_family("paper_mnist")
     a, b, c = fam.init_pair(1), fam.init_pair(1), fam.init_pair(2)

@@ -14,6 +14,7 @@ from kt_mlflow.device import cpu_cores
 from kt_mlflow.errors import KTError
 from kt_mlflow.pairs.generate import generate_pairs, plan_shards
 from kt_mlflow.pairs.store import load_split, sidecars, write_manifest
+from kt_mlflow.pairs.workers import ARITHMETIC
 
 QUICK = dict(dataset="digits", epochs=1, small_epochs=1)
 
@@ -245,4 +246,18 @@ def test_a_resume_with_other_kernels_threads_or_device_is_refused(small_set, tmp
         path.write_text(json.dumps({**meta, "made_with": {**made_with, "threads": 64}}))
     with pytest.raises(KTError, match=r"made with device cpu, kernels \w+, threads 64 .*gives other bits: rerun with "
                                       r"--kernels \w+ --device cpu .*\(64 thread\(s\) per worker\), or use another --output"):
+        generate_pairs(cfg)
+
+
+def test_a_resume_into_shards_of_another_arithmetic_revision_is_refused(small_set, tmp_path):
+    """Shards made before the generator's arithmetic changed (revision 1 did not record its number) have
+    other bits; a resume would mix them into one folder."""
+    out, cfg = _copy(small_set, tmp_path)
+    made_with = sidecars(out, "train")[0]["made_with"]
+    assert made_with["arithmetic"] == ARITHMETIC >= 2
+    for meta in sidecars(out, "train"):
+        path = out / meta["file"].replace(".safetensors", ".json")
+        path.write_text(json.dumps({**meta, "made_with": {k: v for k, v in made_with.items() if k != "arithmetic"}}))
+    with pytest.raises(KTError, match=f"arithmetic revision 1 .*makes revision {ARITHMETIC}, which gives other bits: "
+                                      "finish it with the kt-mlflow that began it, or use another --output"):
         generate_pairs(cfg)

@@ -23,6 +23,84 @@ from torch import nn
 from .native import member_conv2d, member_order, stacked_order
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """The identity; its backward hands the gradient on in channels-last memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``, with its gradient laid out channels-last like the activations.
+
+    A strided slice or a flatten hands back a gradient in the default layout; BatchNorm's and ReLU's
+    CPU backward passes on channels-last activations with such a gradient take a strided path about
+    five times slower (13.5 against 2.8 ms for BN + ReLU on 128 x 96 x 14 x 14). Put before those
+    slices, one copy of the gradient turns them back into the fast path."""
+    return _ChannelsLastGrad.apply(x) if x.requires_grad and x.dim() == 4 else x
+
+
+class _Subsample(torch.autograd.Function):
+    """``x[:, :, ::s, ::s]``; its backward scatters into a channels-last zero tensor (no layout copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
+        ctx.shape, ctx.dtype, ctx.device, ctx.s = x.shape, x.dtype, x.device, s
+        return x[:, :, ::s, ::s]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=torch.channels_last).zero_()
+        out[:, :, ::ctx.s, ::ctx.s] = grad
+        return out, None
+
+
+def subsample(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Every ``s``-th position of ``(B, C, H, W)``, with a channels-last gradient (see ``channels_last_grad``)."""
+    if s == 1:
+        return x
+    return _Subsample.apply(x, s) if x.requires_grad else x[:, :, ::s, ::s]
+
+
+class _StridedBatchNorm(torch.autograd.Function):
+    """Training-mode BN with batch statistics over every position, output at every ``s``-th position only.
+
+    Exact algebra instead of normalising the whole tensor and slicing: the statistics need all of ``z``,
+    the output a quarter of it; and since the gradient is zero off the kept positions, BN's backward
+    ``w / sd * (g - mean(g) - xhat * mean(g * xhat))`` is, off them, an affine map of ``z`` per channel
+    (one pass), plus ``w / sd * g`` on them. Returns (output, batch mean, biased batch variance)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int, eps: float):
+        rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])      # a view for channels-last z
+        var, mean = torch.var_mean(rows, dim=0, correction=0)
+        invstd = torch.rsqrt(var + eps)
+        scale = weight * invstd
+        y = z[:, :, ::s, ::s] * scale[:, None, None] + (bias - mean * scale)[:, None, None]
+        ctx.save_for_backward(z, weight, mean, invstd)
+        ctx.s = s
+        ctx.mark_non_differentiable(mean, var)
+        return y.contiguous(memory_format=torch.channels_last), mean, var
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _mean, _var):
+        z, weight, mean, invstd = ctx.saved_tensors
+        s, n = ctx.s, z.numel() // z.shape[1]
+        xhat = (z[:, :, ::s, ::s] - mean[:, None, None]) * invstd[:, None, None]
+        d_bias, d_weight = grad.sum((0, 2, 3)), (grad * xhat).sum((0, 2, 3))
+        gain = weight * invstd
+        a = -gain * invstd * d_weight / n                                 # dz = a * z + c off the kept positions
+        c = -gain * d_bias / n - a * mean
+        dz = torch.addcmul(c[:, None, None], z, a[:, None, None])       # channels-last like z
+        dz[:, :, ::s, ::s] += grad * gain[:, None, None]
+        return dz, d_weight, d_bias, None, None
+
+
 class StackedConv2d(nn.Conv2d):
     """``members`` convolutions: grouped (member major) or native (interleaved; 'same' padding only)."""
 
@@ -70,6 +148,21 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(stacked_order(var, self.members))
         return y
 
+    def strided(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """``self(x)[:, :, ::s, ::s]`` in training mode (batch statistics over every position, running
+        statistics updated as ``nn.BatchNorm2d`` does), normalising only the positions returned."""
+        if not self.training or s == 1 or x.dim() != 4:
+            return self(x)[:, :, ::s, ::s]
+        y, mean, var = _StridedBatchNorm.apply(x.contiguous(memory_format=torch.channels_last),
+                                               self.channels(self.weight), self.channels(self.bias), s, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            n = x.numel() // x.shape[1]
+            for buf, v in ((self.running_mean, mean), (self.running_var, var * (n / max(n - 1, 1)))):
+                buf.mul_(1 - m).add_(stacked_order(v, self.members) if self.interleaved else v, alpha=m)
+        return y
+
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, members: int = 1) -> StackedConv2d:
     """A bias-free 'same'-padded convolution, ``members`` copies in one grouped conv."""
@@ -108,3 +201,4 @@ class StackedLinear(nn.Module):
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+

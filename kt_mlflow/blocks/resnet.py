@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kind import TwoLayerBlock
-from .layers import StackedBatchNorm2d, StackedLinear, conv, conv_out_size
+from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_out_size, subsample
 from .native import member_conv2d_max_pool
 
 
@@ -125,10 +125,10 @@ class BasicBlock(TwoLayerBlock):
         mode conv2 then computes only those; in training BN2 needs its statistics over all positions."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         if self.training:
-            y = self.bn2(self.conv2(out))[:, :, ::stride, ::stride]
+            y = self.bn2.strided(self.conv2(out), stride)
         else:
             y = self.bn2(self.conv2(out, stride))  # a "same" conv at stride s: conv(x)[::s, ::s]
-        return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
+        return F.relu(y + subsample(x, stride), inplace=True)
 
 
 class BottleneckBlock(TwoLayerBlock):
@@ -150,7 +150,7 @@ class BottleneckBlock(TwoLayerBlock):
         h = self.conv1(x)
         h = F.relu(h, inplace=True) if self.grad_leak == 0 else relu_leaky_grad(h, self.grad_leak)
         y = self.conv2(h, stride)  # a "same" conv at stride s: conv(x)[::s, ::s]
-        return F.relu(y + x[:, :, ::stride, ::stride], inplace=True)
+        return F.relu(y + subsample(x, stride), inplace=True)
 
     @staticmethod
     def canonicalize(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -189,8 +189,8 @@ class LastBlock(nn.Module):
     def forward(self, x: torch.Tensor, subsampled: bool = False) -> torch.Tensor:
         """``subsampled``: ``x`` holds only every stride-th position already (see ``KTNetwork.forward``)."""
         if not subsampled:
-            x = x[:, :, :: self.stride, :: self.stride]
-        x = F.relu(self.bn(self.conv(x)), inplace=True)
+            x = subsample(x, self.stride)
+        x = channels_last_grad(F.relu(self.bn(self.conv(x)), inplace=True))
         if self.conv.interleaved:  # the head reads each member's features in (C, H, W) order
             x = x.unflatten(1, (-1, self.members)).transpose(1, 2)
         return self.fc(x.reshape(x.shape[0], -1))

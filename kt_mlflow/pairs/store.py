@@ -148,16 +148,24 @@ def check_settings(folder: Path, settings: Mapping[str, object],
 
 def check_made_with(folder: Path, made_with: Mapping[str, object], metas: Mapping[str, List[Dict[str, object]]],
                     fix: str) -> None:
-    """Refuse to resume a folder whose shards were made by other kernels, threads or device (other bits);
-    sidecars from before ``made_with`` was recorded are taken as they are. ``fix``: what to rerun with."""
+    """Refuse to resume a folder whose shards were made by another arithmetic revision of the generator,
+    other kernels, threads or device (other bits); sidecars from before ``made_with`` was recorded are
+    taken as they are. ``fix``: what to rerun with."""
     for split in SPLITS:
         for meta in metas[split]:
             old = meta.get("made_with")
-            if old is not None and old != dict(made_with):
-                def shown(m):
-                    return ", ".join(f"{k} {v}" for k, v in sorted(m.items()))
-                raise KTError(f"{folder} holds shards made with {shown(old)} (e.g. {meta['file']}), this run would use "
-                              f"{shown(made_with)}, which gives other bits: {fix}, or use another --output.")
+            if old is None or old == dict(made_with):
+                continue
+            revision = old.get("arithmetic", 1)   # sidecars of revision 1 did not record it
+            if revision != made_with.get("arithmetic"):
+                raise KTError(f"{folder} holds shards made by the generator's arithmetic revision {revision} (e.g. "
+                              f"{meta['file']}), this kt-mlflow makes revision {made_with.get('arithmetic')}, which "
+                              f"gives other bits: finish it with the kt-mlflow that began it, or use another --output.")
+
+            def shown(m):
+                return ", ".join(f"{k} {v}" for k, v in sorted(m.items()) if k != "arithmetic")
+            raise KTError(f"{folder} holds shards made with {shown(old)} (e.g. {meta['file']}), this run would use "
+                          f"{shown(made_with)}, which gives other bits: {fix}, or use another --output.")
 
 
 def load_split(folder: Path, split: str, device: Optional[torch.device] = None) -> PairSet:

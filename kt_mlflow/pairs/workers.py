@@ -36,6 +36,11 @@ from ..device import cpu_share, pick_device
 from ..errors import KTError
 from .make import train_pairs
 
+# The generator's arithmetic revision: raised whenever a change reorders its floating-point operations
+# (so the same settings give other bits), so that no folder mixes shards of two revisions.
+# 2: BN's and ReLU's backward passes read channels-last gradients.
+ARITHMETIC = 2
+
 
 def resolve_workers(workers: int, device: torch.device) -> int:
     """``workers=0`` (auto): one per CPU core of this rank on a CPU, 1 on a GPU (one process drives it)."""
@@ -81,8 +86,9 @@ class ShardTrainer:
 
     @property
     def made_with(self) -> Dict[str, object]:
-        """What decides a shard's bits besides its settings: kernels, device, and on a CPU threads per process."""
-        made = {"kernels": self.kernels, "device": self.device.type}
+        """What decides a shard's bits besides its settings: the generator's arithmetic revision, kernels,
+        device, and on a CPU threads per process."""
+        made = {"arithmetic": ARITHMETIC, "kernels": self.kernels, "device": self.device.type}
         return {**made, "threads": self.threads} if self.device.type == "cpu" else made
 
     def run(self, shards: Mapping[Hashable, Sequence[int]], bar: Optional[tqdm] = None,
