@@ -21,7 +21,7 @@ def built():
 # (members, in, out, kernel, stride, size): SIMD-wide and remainder member counts, 1x1 and 5x5 kernels,
 # odd sizes with stride 2; float64 so any indexing slip shows far above rounding.
 SHAPES = [(1, 1, 6, 3, 1, 28), (3, 6, 6, 3, 1, 14), (16, 6, 6, 3, 1, 14), (19, 6, 3, 3, 2, 13),
-          (8, 3, 6, 3, 2, 14), (16, 6, 12, 1, 1, 7), (5, 2, 7, 5, 2, 9)]
+          (8, 3, 6, 3, 2, 14), (16, 6, 12, 1, 1, 7), (5, 2, 7, 5, 2, 9), (4, 6, 3, 5, 1, 10)]
 
 
 @pytest.mark.parametrize("members,cin,cout,kernel,stride,size", SHAPES)
