@@ -77,9 +77,9 @@ class _StridedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int, eps: float):
-        rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])      # a view for channels-last z
-        var, mean = torch.var_mean(rows, dim=0, correction=0)
-        invstd = torch.rsqrt(var + eps)
+        # BN's own statistics kernel (var_mean over the same positions is 13x slower on channels-last z)
+        _, mean, invstd = torch.native_batch_norm(z, None, None, None, None, True, 0.0, eps)
+        var = invstd.pow(-2) - eps
         scale = weight * invstd
         y = z[:, :, ::s, ::s] * scale[:, None, None] + (bias - mean * scale)[:, None, None]
         ctx.save_for_backward(z, weight, mean, invstd)
