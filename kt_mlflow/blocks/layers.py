@@ -201,4 +201,3 @@ class StackedLinear(nn.Module):
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
-

@@ -38,7 +38,7 @@ from .make import train_pairs
 
 # The generator's arithmetic revision: raised whenever a change reorders its floating-point operations
 # (so the same settings give other bits), so that no folder mixes shards of two revisions.
-# 2: BN's and ReLU's backward passes read channels-last gradients.
+# 2 (2026-12-06): channels-last gradients, BN2 at the kept positions, input gradients as forward convs.
 ARITHMETIC = 2
 
 
