@@ -243,3 +243,29 @@ def test_small_block_grad_leak_changes_gradients_only():
     y.sum().backward()
     torch.testing.assert_close(y, torch.relu(z))
     torch.testing.assert_close(z.grad, torch.tensor([0.1, 0.1, 1.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_batch_norm_and_relu_backward_passes_get_channels_last_gradients(interleaved):
+    """Every BN and ReLU backward of a training step reads its gradient in the activations' channels-last
+    layout: PyTorch's CPU kernels take a path about five times slower for a gradient in the default
+    layout (what a strided slice or the head's flatten hands back without ``subsample``)."""
+    from kt_mlflow.blocks.layers import set_interleaved
+
+    fam = create_family("paper_mnist")
+    net = set_interleaved(fam.base_network(members=3), interleaved).to(memory_format=torch.channels_last).train()
+    net.interleaved = interleaved
+    x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    out = net(x)
+    seen, stack, done = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in done:
+            continue
+        done.add(node)
+        if type(node).__name__.startswith(("NativeBatchNormBackward", "ThresholdBackward", "ReluBackward")):
+            node.register_prehook(lambda grads, node=node: seen.append((type(node).__name__, grads[0].dim() != 4 or
+                                  grads[0].is_contiguous(memory_format=torch.channels_last))))
+        stack.extend(n for n, _ in node.next_functions)
+    out.sum().backward()
+    assert len(seen) >= 3 and all(ok for _, ok in seen), seen
