@@ -38,10 +38,10 @@ class _ChannelsLastGrad(torch.autograd.Function):
 def channels_last_grad(x: torch.Tensor) -> torch.Tensor:
     """``x``, with its gradient laid out channels-last like the activations.
 
-    A strided slice or a flatten hands back a gradient in the default layout; BatchNorm's and ReLU's
-    CPU backward passes on channels-last activations with such a gradient take a strided path about
-    five times slower (13.5 against 2.8 ms for BN + ReLU on 128 x 96 x 14 x 14). Put before those
-    slices, one copy of the gradient turns them back into the fast path."""
+    A flatten (or a strided slice: see ``subsample``) hands back a gradient in the default layout;
+    BatchNorm's and ReLU's CPU backward passes on channels-last activations with such a gradient take
+    a strided path about five times slower (13.5 against 2.8 ms for BN + ReLU on 128 x 96 x 14 x 14).
+    Put before a flatten, one copy of the gradient turns them back into the fast path."""
     return _ChannelsLastGrad.apply(x) if x.requires_grad and x.dim() == 4 else x
 
 
@@ -155,13 +155,20 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
             return self(x)[:, :, ::s, ::s]
         y, mean, var = _StridedBatchNorm.apply(x.contiguous(memory_format=torch.channels_last),
                                                self.channels(self.weight), self.channels(self.bias), s, self.eps)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            n = x.numel() // x.shape[1]
-            for buf, v in ((self.running_mean, mean), (self.running_var, var * (n / max(n - 1, 1)))):
-                buf.mul_(1 - m).add_(stacked_order(v, self.members) if self.interleaved else v, alpha=m)
+        if self.interleaved:
+            mean, var = stacked_order(mean, self.members), stacked_order(var, self.members)
+        self.track(mean, var, x.numel() // x.shape[1])
         return y
+
+    @torch.no_grad()
+    def track(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Update the running statistics from a batch's member-major mean and biased variance over
+        ``count`` values per channel, exactly as ``nn.BatchNorm2d`` does (for statistics computed
+        elsewhere: a strided output, the first block's patch moments)."""
+        self.num_batches_tracked.add_(1)
+        m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+        self.running_var.mul_(1 - m).add_(var.detach() * (count / max(count - 1, 1)), alpha=m)
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, members: int = 1) -> StackedConv2d:

@@ -207,15 +207,15 @@ class _MemberConv(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, wv = ctx.saved_tensors
         g = g.contiguous(memory_format=torch.channels_last)
-        b, h, w, ci, co, k, _, _, ho, wo = ctx.shape
+        b, h, w, ci, co, k, kernel, stride, ho, wo = ctx.shape
         gx = gw = None
-        if ctx.needs_input_grad[0] and ctx.shape[7] == 1:
+        if ctx.needs_input_grad[0] and stride == 1:
             # At stride 1 the input gradient of a "same" conv is the forward conv of the gradient with the
             # kernel flipped and in/out swapped: a gather in registers, not a scatter into a zeroed tensor.
             gx = torch.empty_like(x, memory_format=torch.channels_last)
             flipped = wv.flip(0).transpose(1, 2).contiguous()                   # (T, Co, Ci, K)
             _call("forward", [(g, ho * wo * co * k), (flipped, 0), (gx, h * w * ci * k)],
-                  (b, ho, wo, co, ci, k, ctx.shape[6], 1, h, w), False)
+                  (b, ho, wo, co, ci, k, kernel, 1, h, w), False)
         elif ctx.needs_input_grad[0]:
             gx = torch.zeros_like(x, memory_format=torch.channels_last)
             _call("backward_data", [(g, ho * wo * co * k), (wv, 0), (gx, h * w * ci * k)], ctx.shape, False)

@@ -74,12 +74,7 @@ class BeginBlock(nn.Module):
         w = self.conv.weight.reshape(self.members, -1, mu.shape[-1])  # (members, out, P)
         mean = torch.einsum("kop,kp->ko", w, mu.to(w.dtype)).reshape(-1)
         var = torch.einsum("kop,kpq,koq->ko", w, cov, w).reshape(-1).clamp_min(0)
-        bn = self.bn
-        with torch.no_grad():
-            bn.num_batches_tracked += 1
-            m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            bn.running_var.mul_(1 - m).add_(var.detach() * (count / (count - 1)), alpha=m)
+        self.bn.track(mean, var, count)
         return mean, var
 
     def patch_moments(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -161,11 +161,12 @@ def check_made_with(folder: Path, made_with: Mapping[str, object], metas: Mappin
                 raise KTError(f"{folder} holds shards made by the generator's arithmetic revision {revision} (e.g. "
                               f"{meta['file']}), this kt-mlflow makes revision {made_with.get('arithmetic')}, which "
                               f"gives other bits: finish it with the kt-mlflow that began it, or use another --output.")
+            raise KTError(f"{folder} holds shards made with {_shown(old)} (e.g. {meta['file']}), this run would use "
+                          f"{_shown(made_with)}, which gives other bits: {fix}, or use another --output.")
 
-            def shown(m):
-                return ", ".join(f"{k} {v}" for k, v in sorted(m.items()) if k != "arithmetic")
-            raise KTError(f"{folder} holds shards made with {shown(old)} (e.g. {meta['file']}), this run would use "
-                          f"{shown(made_with)}, which gives other bits: {fix}, or use another --output.")
+
+def _shown(made_with: Mapping[str, object]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(made_with.items()) if k != "arithmetic")
 
 
 def load_split(folder: Path, split: str, device: Optional[torch.device] = None) -> PairSet:

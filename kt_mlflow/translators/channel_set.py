@@ -81,12 +81,10 @@ class ChannelSetTranslator(nn.Module):
         """``sum_h choice[m, h] write([e[h, r], q_m])`` without forming the (M, H, R, 2C) input: the first
         layer splits into an edge term and a query term, and the last layer, linear with weights summing
         to one, moves outside the sum. The same function in M times fewer multiply-adds."""
-        first, act, last = self.write
+        first, _, last = self.write
         w_edge, w_query = first.weight.split(e.shape[-1], dim=1)
         edge, query = e @ w_edge.T, self.queries @ w_query.T + first.bias                 # (B, H, R, F), (M, F)
-        if isinstance(act, nn.GELU) and act.approximate == "none":
-            return last(ChoiceGelu.apply(edge, query, choice))
-        return last(torch.einsum("bmh,bmhrf->bmrf", choice, act(edge[:, None] + query[None, :, None, None])))
+        return last(ChoiceGelu.apply(edge, query, choice))                                # act is nn.GELU()
 
 
 class ChoiceGelu(torch.autograd.Function):
