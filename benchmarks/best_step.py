@@ -43,9 +43,9 @@ def synthetic_pairs(family, n: int) -> PairSet:
     return PairSet({"family": family.name}, tensors, [{"index": i} for i in range(n)])
 
 
-def _write_before(self, e, choice):
-    m, (b, h, r, _) = self.queries.shape[0], e.shape
-    q = self.queries[None, :, None, None, :].expand(b, m, h, r, -1)
+def _write_before(self, e, choice, queries):
+    m, (b, h, r, _) = queries.shape[0], e.shape
+    q = queries[None, :, None, None, :].expand(b, m, h, r, -1)
     kern = self.write(torch.cat([e[:, None].expand(-1, m, -1, -1, -1), q], -1))
     return torch.einsum("bmh,bmhrd->bmrd", choice, kern)
 
@@ -62,20 +62,21 @@ class _WholeBanks(torch.Tensor):
 
 @contextmanager
 def before(fit: TranslatorFit):
-    write, banks = ChannelSetTranslator._write, (fit.task.pre, fit.task.outs, fit.task.teacher)
+    task = fit.groups[0].task
+    write, banks = ChannelSetTranslator._write, (task.pre, task.outs, task.teacher)
     ChannelSetTranslator._write = _write_before
-    fit.task.pre, fit.task.outs, fit.task.teacher = (t.as_subclass(_WholeBanks) for t in banks)
+    task.pre, task.outs, task.teacher = (t.as_subclass(_WholeBanks) for t in banks)
     try:
         yield
     finally:
         ChannelSetTranslator._write = write
-        fit.task.pre, fit.task.outs, fit.task.teacher = banks
+        task.pre, task.outs, task.teacher = banks
 
 
 def steps_per_s(fit: TranslatorFit, n: int, batch: int, start: int) -> float:
     t0 = time.perf_counter()
     for i in range(start, start + n):
-        rows = torch.randperm(fit.n_pairs, generator=torch.Generator().manual_seed(i))[:batch]
+        rows = torch.randperm(fit.groups[0].n_pairs, generator=torch.Generator().manual_seed(i))[:batch]
         fit.step(BatchShare(rows, torch.arange(batch), batch, 1), torch.Generator().manual_seed(i), 0)
     return n / (time.perf_counter() - t0)
 
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     cfg = TrainConfig(recipe="best", batch_size=a.batch_size, width=a.width, device="cpu")
     torch.manual_seed(0)
     fit = TranslatorFit(cfg, family, synthetic_pairs(family, a.pairs), load_for(family, "mnist", None), torch.device("cpu"))
-    assert isinstance(fit.task, task_loss.TaskLoss)
+    assert isinstance(fit.groups[0].task, task_loss.TaskLoss)
     steps_per_s(fit, 2, a.batch_size, 0)          # warm-up, both ways
     with before(fit):
         steps_per_s(fit, 2, a.batch_size, 0)

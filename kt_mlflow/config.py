@@ -235,8 +235,17 @@ class ArchOptions(StepConfig):
     task_pairs: int = option(64, "pairs per step that get the task loss")
     task_images: int = option(64, "training images per step for the task loss")
     pairs: Optional[str] = option(None, "pair folder or generate run id (default: the folder `kt generate` "
-                                        "fills with its default settings)")
+                                        "fills with its default settings); several, comma-separated, of one "
+                                        "family at different hidden widths: one translator for every size")
     registered_name: Optional[str] = option(None, "registered model name (default kt-<family>-<arch>)")
+
+    @staticmethod
+    def pair_specs(pairs: str) -> List[str]:
+        """``--pairs`` as a list: one pair set, or several (comma-separated)."""
+        specs = [p.strip() for p in pairs.split(",")]
+        if not all(specs):
+            raise KTError(f"--pairs {pairs!r} has an empty item; give pair folders or run ids separated by commas.")
+        return specs
 
     @property
     def resolved_arch(self) -> str:
@@ -250,6 +259,8 @@ class ArchOptions(StepConfig):
             raise KTError(f"unknown --arch {self.arch!r}; choose one of: {', '.join(ARCHS)} (or leave it empty).")
         _check_min(self, "batch_size val_every task_bank task_pairs task_images", 1)
         _check_min(self, "select_holdout weight_decay", 0)
+        if self.pairs:
+            self.pair_specs(self.pairs)
         if not 0.0 <= self.dropout < 1.0:
             raise KTError(f"--dropout must be in [0, 1), got {self.dropout}.")
         check_model_name(self.registered_name)
@@ -373,6 +384,8 @@ class SweepConfig(DataOptions, ArchOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.pairs and len(self.pair_specs(self.pairs)) > 1:
+            raise KTError("kt sweep searches on one pair set; pass one --pairs (kt train takes several sizes).")
         for name, low in (("depth", 1), ("epochs", 1), ("width", 1)):
             lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if lo < low:
@@ -505,9 +518,12 @@ class CompressConfig(StepConfig):
     block: Optional[str] = option(None, "module path of the block to translate in any checkpoint, e.g. layer1.0 "
                                         "(its other tensors kept; the small block's family written beside --output)")
     device: str = option("cpu", "cpu or cuda[:N]")
+    small_hidden: Optional[int] = option(None, "the small block's hidden width, for a translator trained on "
+                                               "several sizes (default: the size of its family)")
 
     def validate(self) -> None:
         super().validate()
+        _check_min(self, "small_hidden", 1)
         check_output_file(Path(self.output), "--output")
         if self.block:
             check_output_file(family_file_of(self.output), "the family file")

@@ -188,7 +188,7 @@ def test_batch_shares_cover_each_global_batch_once(tiny_pairs, tmp_path):
                               World(r, 2, r, 2)) for r in (0, 1)]
     finally:
         dist.destroy_process_group()
-    assert [len(f.source) for f in fits] == [4, 4]
+    assert [len(f.groups[0].source) for f in fits] == [4, 4]
     ranks = [f.shares(torch.Generator().manual_seed(5)) for f in fits]
     whole = torch.randperm(8, generator=torch.Generator().manual_seed(5))
     for i, shares in enumerate(zip(*ranks)):

@@ -199,7 +199,7 @@ def test_channel_set_writes_what_the_soft_choice_over_written_kernels_gives():
     q = net.queries[None, :, None, None, :].expand(4, 3, 6, 6, -1)
     written = net.write(torch.cat([e[:, None].expand(-1, 3, -1, -1, -1), q], -1))     # (B, M, H, R, 2D)
     want = torch.einsum("bmh,bmhrd->bmrd", choice, written)
-    torch.testing.assert_close(net._write(e, choice), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net._write(e, choice, net.queries), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [1, 2 * 3 * 6 * 6 * 5, 1 << 20])   # one pair, two pairs, all at once

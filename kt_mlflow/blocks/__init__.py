@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Dict, List, Mapping, Tuple
+from typing import Collection, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -75,6 +75,32 @@ class BlockFamily:
     def native_kernels(self) -> bool:
         """Whether generation can use the native member-interleaved convolutions ('same' convs only)."""
         return self.begin_kind == "conv"
+
+    def resized(self, large_hidden: Optional[int] = None, small_hidden: Optional[int] = None) -> "BlockFamily":
+        """The same family with other hidden widths (a multi-size translator's view of one size).
+
+        Example:
+            >>> create_family("paper_mnist").resized(12, 5).weight_shapes("small")["conv1.weight"]
+            (5, 6, 3, 3)
+        """
+        for name, value in (("large", large_hidden), ("small", small_hidden)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise KTError(f"the {name} block's hidden width must be a whole number >= 1, got {value!r}.")
+        return dataclasses.replace(self, large_hidden=large_hidden or self.large_hidden,
+                                   small_hidden=small_hidden or self.small_hidden)
+
+    def same_but_sizes(self, other: "BlockFamily") -> bool:
+        """True when ``other`` differs from this family in its hidden widths at most."""
+        return self.resized(other.large_hidden, other.small_hidden) == other
+
+    def hidden_of(self, state: Mapping[str, torch.Tensor], which: str = "large") -> int:
+        """The hidden width of a ``which`` block's state dict (its first layer's outputs); a one-line
+        error when the layer is missing. Stacked states (a leading network axis) are read too."""
+        key = next(iter(self.prototype(which).layers))
+        if key not in state:
+            raise KTError(f"not a {self.name} {which} block: missing {key}; translate a trained block of this family.")
+        ref = self.prototype(which).state_dict()[key]
+        return int(state[key].shape[state[key].dim() - ref.dim()])
 
     # -- modules -------------------------------------------------------------------------------
     def begin(self, members: int = 1) -> nn.Module:

@@ -40,6 +40,7 @@ from mlflow.models.evaluation.artifacts import JsonEvaluationArtifact, TextEvalu
 from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 from mlflow.tracking.artifact_utils import get_artifact_uri
 
+from ..blocks import family_of
 from ..config import DEFAULT_BASELINES
 from ..data import ImageData, load_for
 from ..device import pick_device
@@ -138,12 +139,22 @@ def translate_pairs(translator: Any, large: Mapping[str, torch.Tensor]) -> Dict[
     return {k: v.detach().to("cpu") for k, v in out.items()}
 
 
+def sized_for_pairs(translator: Any, val: PairSet) -> Any:
+    """A translator that serves several sizes, at the size of the pairs' family (else unchanged)."""
+    if not getattr(translator, "sizes", ()) or "family_spec" not in val.settings:
+        return translator
+    family = family_of(val.settings)
+    if not translator.family.same_but_sizes(family):
+        return translator
+    return translator.at_size(family.small_hidden, family.large_hidden)
+
+
 def prepare_comparison(translator: Any, settings: EvalSettings) -> Tuple[PairSet, ImageData]:
     """The held-out pairs and the test images of a comparison, every mismatch refused in one line."""
     from ..tracking.datasets import resolve_pairs
 
-    family = translator.family
     val = load_split(resolve_pairs(str(settings.pairs)), settings.split)
+    family = sized_for_pairs(translator, val).family
     pair_family = val.settings.get("family")
     if pair_family and pair_family != family.name:
         raise KTError(
@@ -164,8 +175,9 @@ def run_comparison(translator: Any, settings: EvalSettings,
     (``prepared``: what ``prepare_comparison`` returned, when the caller checked it before opening a run)."""
     from ..tracking.datasets import log_image_input
 
-    family = translator.family
     val, data = prepared or prepare_comparison(translator, settings)
+    translator = sized_for_pairs(translator, val)
+    family = translator.family
     if mlflow.active_run() is not None:
         log_image_input(data, str(val.settings.get("dataset")), settings.data_root, "evaluation")
     large = val.part("large")

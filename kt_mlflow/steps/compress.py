@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..blocks import family_spec
+from ..blocks import family_spec, prefixed
 from ..config import CompressConfig, family_file_of
 from ..errors import KTError
 from ..io import atomic_write
 from ..tracking.models import load_translator
-from ..translators.swap import compress_checkpoint
+from ..translators.swap import compress_checkpoint, sized, split_checkpoint
 
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -39,11 +39,13 @@ def save_state_dict(state: Dict[str, torch.Tensor], path: Path) -> None:
         atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def compress_file(model: str, network: Path, output: Path, device: str = "cpu") -> Dict[str, int]:
+def compress_file(model: str, network: Path, output: Path, device: str = "cpu",
+                  small_hidden: Optional[int] = None) -> Dict[str, int]:
     """Translate ``network``'s large block with translator ``model``; write the compressed network."""
     state = load_state_dict(network)
     translator = load_translator(model, device)
-    compressed = translator.compress_state(state)
+    compressed = translator.compress_state(state, small_hidden)
+    translator = translator.sized_for(prefixed(state, "block"), small_hidden)
     base = translator.family.base_network()
     save_state_dict(compressed.state_dict(), output)
     before = sum(p.numel() for p in base.parameters())
@@ -56,12 +58,14 @@ def compress_file(model: str, network: Path, output: Path, device: str = "cpu") 
     return {"params_before": before, "params_after": after, "block_before": block_before, "block_after": block_after}
 
 
-def compress_block_file(model: str, network: Path, block: str, output: Path, device: str = "cpu") -> Dict[str, int]:
+def compress_block_file(model: str, network: Path, block: str, output: Path, device: str = "cpu",
+                        small_hidden: Optional[int] = None) -> Dict[str, int]:
     """Translate the block at module path ``block`` of any checkpoint; write the checkpoint with the small
     block in its place and the small block's family (``<output>.family.yaml``) beside it."""
     state = load_state_dict(network)
     translator = load_translator(model, device)
-    new = compress_checkpoint(state, block, translator)
+    new = compress_checkpoint(state, block, translator, small_hidden)
+    translator = sized(translator, split_checkpoint(state, block)[0], small_hidden)
     save_state_dict(new, output)
     family_file = family_file_of(str(output))
     atomic_write(family_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(family_spec(translator.family),
@@ -80,5 +84,5 @@ def run_compress(cfg: CompressConfig) -> Dict[str, int]:
     """``kt compress``: no MLflow run of its own (it reads the registry, writes the output files)."""
     cfg.validate()
     if cfg.block:
-        return compress_block_file(cfg.model, Path(cfg.input), cfg.block, Path(cfg.output), cfg.device)
-    return compress_file(cfg.model, Path(cfg.input), Path(cfg.output), cfg.device)
+        return compress_block_file(cfg.model, Path(cfg.input), cfg.block, Path(cfg.output), cfg.device, cfg.small_hidden)
+    return compress_file(cfg.model, Path(cfg.input), Path(cfg.output), cfg.device, cfg.small_hidden)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..blocks import BlockFamily, non_finite
+from ..blocks import BlockFamily, family_of, non_finite
 from ..config import TrainConfig
 from ..device import pick_device
 from ..distributed import World, all_sum, any_rank, world
@@ -33,7 +33,7 @@ from ..pairs.store import PairSet
 from ..recipes import get_recipe
 from ..translators import Translator, create_translator, tokens
 from .augment import Part, augment_pair, batch_noise
-from .task_loss import TaskLoss, perturb_params
+from .task_loss import BANK_BYTES, TaskLoss, perturb_params
 
 State = Dict[str, torch.Tensor]
 EpochHook = Callable[[int, Dict[str, float]], None]
@@ -71,17 +71,20 @@ def _check_ranks(n_pairs: int, ranks: int) -> None:
                       f"{n_pairs} ranks or hold out fewer pairs.")
 
 
-def check_training(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet) -> None:
+def check_training(cfg: TrainConfig, family: BlockFamily, train: Union[PairSet, Sequence[PairSet]],
+                   val: Union[PairSet, Sequence[PairSet], None]) -> None:
     """What ``train_translator`` would refuse, found in moments: before any training or MLflow run."""
     cfg.validate()
-    fit, _ = split_holdout(train, val, cfg.select_holdout)
+    sets = size_groups(family, train)
+    for _, pairs in sets:
+        fit, _ = split_holdout(pairs, None, cfg.select_holdout)
+        _check_ranks(len(fit), world().size)
     pick_device(cfg.device)
-    _check_ranks(len(fit), world().size)
     recipe = get_recipe(cfg.recipe)
     if recipe.canonical:
         _canonicalizer(family)
     create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, rescale=recipe.rescale,
-                      bn_stats=recipe.bn_stats, **cfg.arch_kwargs())
+                      bn_stats=recipe.bn_stats, **_sized(cfg.arch_kwargs(), sets))
 
 
 def _permuted(family: BlockFamily, large: State, gen: torch.Generator, part: Part = None) -> State:
@@ -116,6 +119,7 @@ class BatchShare:
     pos: torch.Tensor
     total: int          # pairs in the global batch
     ranks: int
+    group: int = 0      # the size group every pair of the batch comes from
 
     def weight(self, n: int, of: int) -> float:
         """What a mean over this rank's first ``n`` of the batch's first ``of`` pairs counts for, so that
@@ -126,63 +130,68 @@ class BatchShare:
         return self.pos[:n], of
 
 
-def _moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and standard deviation over the pairs and tokens of every rank."""
-    flat, d = x.reshape(-1, x.shape[-1]).double(), x.shape[-1]
+def _moments(xs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation over the pairs and tokens of every tensor and rank."""
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()
+    d = flat.shape[-1]
     sums = torch.tensor(all_sum([float(len(flat)), *flat.sum(0).tolist(), *flat.pow(2).sum(0).tolist()]),
-                        dtype=torch.float64, device=x.device)   # one all-reduce: count, sums, sums of squares
+                        dtype=torch.float64, device=flat.device)   # one all-reduce: count, sums, sums of squares
     n, s, ss = float(sums[0]), sums[1: d + 1], sums[d + 1:]
     mean = s / n
     var = ((ss - n * mean.pow(2)) / max(n - 1, 1)).clamp_min(0)
     return mean.float(), var.sqrt().float()
 
 
-class TranslatorFit:
-    """One translator, this rank's training pairs as tensors on the device, and one optimisation step."""
+Groups = Sequence[Tuple[BlockFamily, PairSet]]
 
-    def __init__(self, cfg: TrainConfig, family: BlockFamily, train: PairSet, data, device: torch.device,
-                 ranks: Optional[World] = None) -> None:
-        self.cfg, self.family, self.recipe = cfg, family, get_recipe(cfg.recipe)
-        self.world, self.n_pairs = ranks or world(), len(train)
-        w, recipe = self.world, self.recipe
-        _check_ranks(self.n_pairs, w.size)
+
+def size_groups(family: BlockFamily, train: Union[PairSet, Sequence[PairSet]]) -> List[Tuple[BlockFamily, PairSet]]:
+    """``train`` as (family, pairs) per size: one set is ``family``'s; several sets (pairs of one family at
+    several hidden widths, for a translator that serves them all) each carry their own family."""
+    if isinstance(train, PairSet):
+        return [(family, train)]
+    groups = [(family_of(t.settings), t) for t in train]
+    for fam, _ in groups:
+        if not family.same_but_sizes(fam):
+            raise KTError(f"pair sets of family {fam.name} ({fam.large} {fam.large_hidden} -> {fam.small} "
+                          f"{fam.small_hidden}) and {family.name} differ in more than their hidden widths; a "
+                          f"translator serves several sizes of one family: train on pairs of one family.")
+    sizes = [(f.large_hidden, f.small_hidden) for f, _ in groups]
+    if len(set(sizes)) != len(sizes):
+        raise KTError(f"two pair sets have the same size {max(sizes, key=sizes.count)}; give each size once "
+                      f"(or merge the sets when generating).")
+    return groups
+
+
+def group_sizes(groups: Groups) -> List[List[int]]:
+    """The ``sizes`` arch kwarg of a multi-size translator (none for one size)."""
+    return [[f.large_hidden, f.small_hidden] for f, _ in groups] if len(groups) > 1 else []
+
+
+class PairGroup:
+    """One size's training pairs on the device: blocks, the net's input and target tokens, the task loss."""
+
+    def __init__(self, fit: "TranslatorFit", translator: Translator, train: PairSet, data, device: torch.device,
+                 bank_bytes: int) -> None:
+        w, recipe, self.fit = fit.world, fit.recipe, fit
+        self.translator, self.family, self.n_pairs = translator, translator.family, len(train)
         mine = train.subset(torch.arange(w.rank, self.n_pairs, w.size)) if w.distributed else train
         self.large = {k: v.to(device) for k, v in mine.part("large").items()}
         small = {k: v.to(device) for k, v in mine.part("small").items()}
-        self.small = _canonical(family, small) if recipe.canonical else small
-        self.translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware,
-                                            rescale=recipe.rescale, bn_stats=recipe.bn_stats, **cfg.arch_kwargs())
-        self.net = self.translator.net.to(device)
-        self.source, self.scales = self.translator.encode(self.large)   # (P, T_in, D_in), reused without perms
+        self.small = _canonical(self.family, small) if recipe.canonical else small
+        self.source, self.scales = translator.encode(self.large)   # (P, T_in, D_in), reused without perms
         self.target = self.targets(torch.arange(len(mine), device=device), self.scales)  # (P, T_out, D_out)
-        if recipe.standardize:
-            self._standardize()
-        self.task = (TaskLoss(family, mine, data, device, cfg.task_bank, cfg.seed, context=recipe.context,
-                              grad_leak=recipe.grad_leak, pairs_total=self.n_pairs)
+        self.task = (TaskLoss(self.family, mine, data, device, fit.cfg.task_bank, fit.cfg.seed, context=recipe.context,
+                              grad_leak=recipe.grad_leak, pairs_total=self.n_pairs, bank_bytes=bank_bytes)
                      if recipe.distill > 0 or recipe.feature_match > 0 else None)
-        self.model = self.net
-        if w.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                 broadcast_buffers=False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def targets(self, rows: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Target tokens of pairs ``rows``, in the coordinates the translator writes in."""
         return tokens.encode_target(self.family, {k: v[rows] for k, v in self.small.items()}, scale)
 
-    def _standardize(self) -> None:
-        net = self.net
-        with torch.no_grad():
-            for (mean, std), x in (((net.in_mean, net.in_std), self.source), ((net.out_mean, net.out_std), self.target)):
-                m, s = _moments(x)
-                mean.copy_(m)
-                std.copy_(s.clamp_min(1e-6))
-
-    def _batch(self, idx: torch.Tensor, gen: torch.Generator, part: Part):
+    def batch(self, idx: torch.Tensor, gen: torch.Generator, part: Part):
         """(source tokens, scales, target tokens, perturbed large blocks or None) of pairs ``idx``."""
-        recipe, batch_large = self.recipe, None
+        recipe, batch_large = self.fit.recipe, None
         if recipe.perturb > 0:
             batch_large = perturb_params({k: v[idx] for k, v in self.large.items()}, recipe.perturb, gen, part)
         if recipe.perm_augment:
@@ -192,30 +201,70 @@ class TranslatorFit:
         src, sc = self.translator.encode(batch_large)
         return src, sc, self.target[idx] if sc is None else self.targets(idx, sc), batch_large
 
+
+class TranslatorFit:
+    """One translator, this rank's training pairs as tensors on the device, and one optimisation step.
+
+    ``train``: one pair set, or several of one family at different hidden widths (``size_groups``): the
+    translator then serves every size, and each batch comes from one size.
+    """
+
+    def __init__(self, cfg: TrainConfig, family: BlockFamily, train: Union[PairSet, Sequence[PairSet]], data,
+                 device: torch.device, ranks: Optional[World] = None) -> None:
+        self.cfg, self.family, self.recipe = cfg, family, get_recipe(cfg.recipe)
+        self.world = ranks or world()
+        recipe, sets = self.recipe, size_groups(family, train)
+        for _, pairs in sets:
+            _check_ranks(len(pairs), self.world.size)
+        self.translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, rescale=recipe.rescale,
+                                            bn_stats=recipe.bn_stats, **_sized(cfg.arch_kwargs(), sets))
+        self.net = self.translator.net.to(device)
+        total = sum(len(p) for _, p in sets)
+        self.groups = [PairGroup(self, self.translator.at_size(f.small_hidden, f.large_hidden), pairs, data, device,
+                                 BANK_BYTES * len(pairs) // total) for f, pairs in sets]
+        if recipe.standardize:
+            self._standardize()
+        self.model = self.net
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                 broadcast_buffers=False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _standardize(self) -> None:
+        net = self.net
+        with torch.no_grad():
+            for (mean, std), xs in (((net.in_mean, net.in_std), [g.source for g in self.groups]),
+                                    ((net.out_mean, net.out_std), [g.target for g in self.groups])):
+                m, s = _moments(xs)
+                mean.copy_(m)
+                std.copy_(s.clamp_min(1e-6))
+
     def step(self, share: BatchShare, gen: torch.Generator, epoch: int) -> Tuple[float, float]:
         """One Adam step on this rank's pairs of a batch; returns their (loss, task loss) share.
 
         A rank with no pair in the batch still runs one pair at weight 0: every rank takes part in
         each gradient all-reduce."""
-        cfg, recipe = self.cfg, self.recipe
+        cfg, recipe, group = self.cfg, self.recipe, self.groups[share.group]
         k = len(share.rows)
         if k == 0:
-            share = BatchShare(share.rows.new_zeros(1), share.pos.new_zeros(1), share.total, share.ranks)
-        idx = share.rows.to(self.source.device)
-        src, sc, dst, batch_large = self._batch(idx, gen, share.part(len(idx), share.total))
+            share = BatchShare(share.rows.new_zeros(1), share.pos.new_zeros(1), share.total, share.ranks, share.group)
+        idx = share.rows.to(group.source.device)
+        src, sc, dst, batch_large = group.batch(idx, gen, share.part(len(idx), share.total))
         src, dst = augment_pair(src, dst, cfg.mask_ratio, cfg.noise_std, cfg.augment_on, gen,
                                 share.part(len(idx), share.total))
-        pred = self.model(src)
+        pred = self.model(src, **_size_kwargs(group))
         loss = 0.0 * pred.sum()   # every parameter in the graph, whichever terms this rank has
         if recipe.param > 0:
-            loss = loss + share.weight(k, share.total) * recipe.param * param_loss(self.family, pred, dst)
+            loss = loss + share.weight(k, share.total) * recipe.param * param_loss(group.family, pred, dst)
         task = 0.0
         n_sub = min(cfg.task_pairs, share.total)
         k_sub = int((share.pos[:k] < n_sub).sum())
-        if self.task is not None and k_sub:
+        if group.task is not None and k_sub:
             teacher = None if recipe.perturb == 0 else {a: b[:k_sub] for a, b in batch_large.items()}
-            small = self.translator.decode(pred[:k_sub], None if sc is None else sc[:k_sub])
-            kl, feat = self.task(small, idx[:k_sub], cfg.task_images, gen, teacher, part=share.part(k_sub, n_sub))
+            small = group.translator.decode(pred[:k_sub], None if sc is None else sc[:k_sub])
+            kl, feat = group.task(small, idx[:k_sub], cfg.task_images, gen, teacher, part=share.part(k_sub, n_sub))
             term = share.weight(k_sub, n_sub) * (recipe.distill * kl + recipe.feature_match * feat)
             loss, task = loss + term, float(term.detach())
         if any_rank(not bool(torch.isfinite(loss))):   # every rank stops at the same step
@@ -230,14 +279,17 @@ class TranslatorFit:
         return float(loss.detach()), task
 
     def shares(self, gen: torch.Generator) -> List[BatchShare]:
-        """This rank's part of each batch of one pass over all ranks' pairs in a random order."""
-        w, size = self.world, self.cfg.batch_size
-        order = torch.randperm(self.n_pairs, generator=gen)
-        out = []
-        for lo in range(0, self.n_pairs, size):
-            batch = order[lo: lo + size]
-            pos = (batch % w.size == w.rank).nonzero().flatten()
-            out.append(BatchShare(batch[pos] // w.size, pos, len(batch), w.size))
+        """This rank's part of each batch of one pass over all ranks' pairs in a random order (with
+        several sizes: each size's batches, all of them in a random order)."""
+        w, size, out = self.world, self.cfg.batch_size, []
+        for g, group in enumerate(self.groups):
+            order = torch.randperm(group.n_pairs, generator=gen)
+            for lo in range(0, group.n_pairs, size):
+                batch = order[lo: lo + size]
+                pos = (batch % w.size == w.rank).nonzero().flatten()
+                out.append(BatchShare(batch[pos] // w.size, pos, len(batch), w.size, g))
+        if len(self.groups) > 1:
+            out = [out[i] for i in torch.randperm(len(out), generator=gen)]
         return out
 
     def epoch(self, epoch: int, gen: torch.Generator) -> Dict[str, float]:
@@ -249,9 +301,18 @@ class TranslatorFit:
         losses = [self.step(share, torch.Generator().manual_seed(base + i), epoch) for i, share in enumerate(shares)]
         loss, task = (v / self.world.size for v in all_sum([sum(a for a, _ in losses), sum(b for _, b in losses)]))
         metrics = {"train_loss": loss / len(losses), "lr": self.opt.param_groups[0]["lr"]}
-        if self.task is not None:
+        if any(g.task is not None for g in self.groups):
             metrics["task_loss"] = task / len(losses)
         return metrics
+
+
+def _sized(arch_kwargs: Dict[str, object], groups: Groups) -> Dict[str, object]:
+    sizes = group_sizes(groups)
+    return {**arch_kwargs, "sizes": sizes} if sizes else arch_kwargs
+
+
+def _size_kwargs(group: PairGroup) -> Dict[str, int]:
+    return {"small_hidden": group.family.small_hidden} if group.translator.sizes else {}
 
 
 def check_finite(translator: Translator) -> None:
@@ -270,18 +331,36 @@ def validate_translator(translator: Translator, family: BlockFamily, val: PairSe
     return {"val_acc_mean": float(acc.mean()), "val_acc_min": float(acc.min()), "val_acc_max": float(acc.max())}
 
 
-def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val: PairSet, data,
+def validate_sizes(fit: TranslatorFit, vals: Sequence[PairSet], data, device: torch.device) -> Dict[str, float]:
+    """``validate_translator`` per size; with several, the mean over sizes (each size counts once),
+    the lowest minimum, the highest maximum, and each size's mean as ``val_acc_mean_<H>to<M>``."""
+    scores = [validate_translator(g.translator, g.family, v, data, device) for g, v in zip(fit.groups, vals)]
+    if len(scores) == 1:
+        return scores[0]
+    out = {"val_acc_mean": sum(s["val_acc_mean"] for s in scores) / len(scores),
+           "val_acc_min": min(s["val_acc_min"] for s in scores), "val_acc_max": max(s["val_acc_max"] for s in scores)}
+    out.update({f"val_acc_mean_{g.family.large_hidden}to{g.family.small_hidden}": s["val_acc_mean"]
+                for g, s in zip(fit.groups, scores)})
+    return out
+
+
+def train_translator(cfg: TrainConfig, family: BlockFamily, train: Union[PairSet, Sequence[PairSet]],
+                     val: Union[PairSet, Sequence[PairSet], None], data,
                      on_epoch: Optional[EpochHook] = None, progress: bool = True) -> TrainResult:
     """Train a translator on ``train`` pairs; validate on ``val`` networks (see ``split_holdout``).
 
-    Under torchrun every rank calls this with the same arguments; rank 0's result holds the kept
-    translator and its scores, the other ranks' only their own copy of the last weights."""
+    Several pair sets (lists, ``val[i]`` the held-out networks of ``train[i]``): one translator for all
+    their sizes (``size_groups``). Under torchrun every rank calls this with the same arguments; rank 0's
+    result holds the kept translator and its scores, the other ranks' only their own copy of the last weights."""
     cfg.validate()
-    train, val = split_holdout(train, val, cfg.select_holdout)
+    single = isinstance(train, PairSet)
+    trains, vals = ([train], [val]) if single else (list(train), list(val or [None] * len(train)))
+    split = [split_holdout(t, v, cfg.select_holdout) for t, v in zip(trains, vals)]
+    trains, vals = [t for t, _ in split], [v for _, v in split]
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    fit = TranslatorFit(cfg, family, train, data, device)
+    fit = TranslatorFit(cfg, family, trains[0] if single else trains, data, device)
     main = fit.world.is_main
     torch.manual_seed(cfg.seed + fit.world.rank)   # dropout: each rank its own masks
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(fit.opt, T_max=cfg.epochs)
@@ -295,9 +374,9 @@ def train_translator(cfg: TrainConfig, family: BlockFamily, train: PairSet, val:
         if main:
             try:
                 if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-                    metrics.update(validate_translator(fit.translator, family, val, data, device))
+                    metrics.update(validate_sizes(fit, vals, data, device))
                     if metrics["val_acc_mean"] > best["val_acc_mean"]:
-                        best = {k: metrics[k] for k in ("val_acc_mean", "val_acc_min", "val_acc_max")}
+                        best = {k: v for k, v in metrics.items() if k.startswith("val_acc_")}
                         best["epoch"] = float(epoch)
                         best_state = copy.deepcopy(fit.net.state_dict())
                 bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in ("train_loss", "val_acc_mean")})

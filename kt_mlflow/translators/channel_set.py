@@ -18,7 +18,8 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ class ChannelSetTranslator(nn.Module):
 
     def __init__(self, in_tokens: int, in_dim: int, out_tokens: int, out_dim: int,
                  src_shapes: Sequence[Tuple[int, ...]] = (), dst_shapes: Sequence[Tuple[int, ...]] = (),
-                 depth: int = 4, width: int = 64, channel_hidden: int = 128, dropout: float = 0.0, **_: object) -> None:
+                 depth: int = 4, width: int = 64, channel_hidden: int = 128, dropout: float = 0.0,
+                 sizes: Sequence[Sequence[int]] = (), **_: object) -> None:
         super().__init__()
         if len(src_shapes) != 2 or len(dst_shapes) != 2:
             raise KTError("the channel_set translator needs a block of two convs (in -> hidden -> in) on both sides.")
@@ -57,33 +59,57 @@ class ChannelSetTranslator(nn.Module):
             raise KTError(f"channel_set translator: block shapes {src_shapes} -> {dst_shapes} are not "
                           f"in -> hidden -> in convs with the same residual width.")
         self.hidden, self.residual, self.small_hidden, self.out_dim = hid, res, m, out_dim
+        # Several sizes: the small block's hidden width M is an input. Small channel j of any size reads
+        # query j (nested: a size uses the first M), shifted by an embedding of (log M, log H).
+        self.sizes = tuple(tuple(int(v) for v in s) for s in sizes)
         self.edge_dim = 2 * in_dim
         self.embed = nn.Linear(self.edge_dim, width)
         self.layers = nn.Sequential(*[EdgeLayer(width, channel_hidden, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
-        self.queries = nn.Parameter(torch.randn(m, width) / width ** 0.5)  # one per small hidden channel
+        n_queries = max([m, *(s[1] for s in self.sizes)])
+        self.queries = nn.Parameter(torch.randn(n_queries, width) / width ** 0.5)  # one per small hidden channel
+        if self.sizes:
+            self.size_embed = nn.Linear(2, width)
         self.key = nn.Linear(width, width)
         self.write = nn.Sequential(nn.Linear(2 * width, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, 2 * out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, r, m = x.shape[0], self.hidden, self.residual, self.small_hidden
+    @property
+    def max_small_hidden(self) -> int:
+        return self.queries.shape[0]
+
+    def _queries(self, h: int, m: int) -> torch.Tensor:
+        if not self.sizes:
+            if (h, m) != (self.hidden, self.small_hidden):
+                raise KTError(f"this channel_set translator writes hidden {self.small_hidden} from hidden {self.hidden} "
+                              f"only, not {m} from {h}; train one on pair sets of several sizes (docs/usage.md).")
+            return self.queries
+        if not 1 <= m <= self.max_small_hidden:
+            raise KTError(f"this translator writes small hidden widths 1 to {self.max_small_hidden}, not {m}; "
+                          f"choose a size in that range, or train on pairs with larger small blocks.")
+        size = torch.tensor([math.log(m), math.log(h)], dtype=self.queries.dtype, device=self.queries.device)
+        return self.queries[:m] + self.size_embed(size)
+
+    def forward(self, x: torch.Tensor, small_hidden: Optional[int] = None) -> torch.Tensor:
+        b, r = x.shape[0], self.residual
+        h, m = x.shape[1] // (2 * r), small_hidden or self.small_hidden
+        q = self._queries(h, m)
         conv1 = x[:, : h * r].reshape(b, h, r, -1)                  # kernel h <- r
         conv2 = x[:, h * r:].reshape(b, r, h, -1).transpose(1, 2)   # kernel r <- h, as (h, r)
         e = self.norm(self.layers(self.embed(torch.cat([conv1, conv2], -1))))  # (B, H, R, C)
         # Soft choice of large hidden channels for each small one, from each hidden channel's summary.
-        logits = torch.einsum("mc,bhc->bmh", self.queries, self.key(e.mean(2))) / e.shape[-1] ** 0.5
+        logits = torch.einsum("mc,bhc->bmh", q, self.key(e.mean(2))) / e.shape[-1] ** 0.5
         choice = logits.softmax(-1)                                           # (B, M, H)
-        kern = self._write(e, choice)                                         # (B, M, R, 2*D)
+        kern = self._write(e, choice, q)                                      # (B, M, R, 2*D)
         k1, k2 = kern[..., : self.out_dim], kern[..., self.out_dim:]
         return torch.cat([k1.reshape(b, m * r, -1), k2.transpose(1, 2).reshape(b, r * m, -1)], 1)
 
-    def _write(self, e: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    def _write(self, e: torch.Tensor, choice: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """``sum_h choice[m, h] write([e[h, r], q_m])`` without forming the (M, H, R, 2C) input: the first
         layer splits into an edge term and a query term, and the last layer, linear with weights summing
         to one, moves outside the sum. The same function in M times fewer multiply-adds."""
         first, _, last = self.write
         w_edge, w_query = first.weight.split(e.shape[-1], dim=1)
-        edge, query = e @ w_edge.T, self.queries @ w_query.T + first.bias                 # (B, H, R, F), (M, F)
+        edge, query = e @ w_edge.T, queries @ w_query.T + first.bias                # (B, H, R, F), (M, F)
         return last(ChoiceGelu.apply(edge, query, choice))                                # act is nn.GELU()
 
 

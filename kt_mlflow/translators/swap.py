@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,17 +87,34 @@ def split_checkpoint(state: Mapping[str, torch.Tensor], block: str) -> Tuple[Sta
     return inside, {k: v for k, v in state.items() if not k.startswith(prefix)}
 
 
-def compress_checkpoint(state: Mapping[str, torch.Tensor], block: str, translator) -> State:
+def sized(translator, state: Mapping[str, torch.Tensor], small_hidden: Optional[int] = None):
+    """The translator at the size of a user's block (read by structure: the tensor where the large
+    block's first layer sits) and ``small_hidden``; unchanged sizes for a one-size translator."""
+    if not translator.sizes:
+        return translator.at_size(small_hidden)
+    ref = translator.family.prototype("large")
+    keys = list(ref.state_dict())
+    tensors = list(state.values())
+    at = keys.index(next(iter(ref.layers)))
+    hidden = int(tensors[at].shape[0]) if len(tensors) == len(keys) and tensors[at].dim() else None
+    return translator.at_size(small_hidden, hidden)
+
+
+def compress_checkpoint(state: Mapping[str, torch.Tensor], block: str, translator,
+                        small_hidden: Optional[int] = None) -> State:
     """Any checkpoint with the block at ``block`` translated: its keys replaced by the small block's
-    (under the same prefix, the small block's own names, Linear shapes for ``mlp``), the rest kept."""
+    (under the same prefix, the small block's own names, Linear shapes for ``mlp``), the rest kept.
+    ``small_hidden``: the small block's hidden width, for a translator that serves several sizes."""
     inside, rest = split_checkpoint(state, block)
+    translator = sized(translator, inside, small_hidden)
     large = match_block(inside, translator.family, f"block {block}")
     small = small_module(translator.family, translator.translate(large)).state_dict()
     return {**rest, **{f"{block}.{k}": v for k, v in small.items()}}
 
 
-def swap_block(model: nn.Module, path: str, translator) -> nn.Module:
+def swap_block(model: nn.Module, path: str, translator, small_hidden: Optional[int] = None) -> nn.Module:
     """Replace submodule ``path`` of ``model`` by the translated small block; returns ``model`` in eval mode.
+    ``small_hidden``: the small block's hidden width, for a translator that serves several sizes.
 
     Example:
         >>> model = swap_block(my_resnet, "layer1.0", kt_mlflow.load_translator("kt-paper_mnist-channel_set"))  # doctest: +SKIP
@@ -107,6 +124,7 @@ def swap_block(model: nn.Module, path: str, translator) -> nn.Module:
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n][:8]
         raise KTError(f"the model has no submodule {path!r}; some of its modules: {', '.join(names)}.") from None
+    translator = sized(translator, old.state_dict(), small_hidden)
     large = match_block(old.state_dict(), translator.family, f"module {path} ({type(old).__name__})")
     new = small_module(translator.family, translator.translate(large))
     ref = next(iter(old.parameters()), None)

@@ -1,6 +1,7 @@
 """``Translator``: turns a trained large block into a small block (and a network into a compressed one)."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -29,12 +30,19 @@ class TranslatorNet(nn.Module):
         self.register_buffer("out_mean", torch.zeros(out_dim))
         self.register_buffer("out_std", torch.ones(out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.core((x - self.in_mean) / self.in_std) * self.out_std + self.out_mean
+    def forward(self, x: torch.Tensor, small_hidden: Optional[int] = None) -> torch.Tensor:
+        x = (x - self.in_mean) / self.in_std
+        out = self.core(x) if small_hidden is None else self.core(x, small_hidden=small_hidden)
+        return out * self.out_std + self.out_mean
 
 
 class Translator:
-    """A translator network bound to a block family and a token encoding."""
+    """A translator network bound to a block family and a token encoding.
+
+    A ``channel_set`` translator built with ``sizes=[[H, M], ...]`` (arch kwarg) serves several sizes:
+    ``at_size`` gives a view of the same net for large hidden H and small hidden M, and ``translate``
+    takes ``small_hidden`` (the large block's own hidden width is read from its weights).
+    """
 
     def __init__(self, family: BlockFamily, arch: str, arch_kwargs: Mapping[str, Any], bn_aware: bool = False,
                  net: Optional[TranslatorNet] = None, rescale: bool = False, bn_stats: bool = False) -> None:
@@ -44,10 +52,39 @@ class Translator:
             raise KTError("rescale and bn_stats read BN-folded blocks; use them together with bn_aware.")
         self.family, self.arch, self.arch_kwargs, self.bn_aware = family, arch, dict(arch_kwargs), bn_aware
         self.rescale, self.bn_stats = rescale, bn_stats
+        if self.sizes and arch != "channel_set":
+            raise KTError(f"only the channel_set translator serves several sizes, not {arch}; train with "
+                          f"--arch channel_set (or the best recipe).")
         src, dst = tokens.layout(family, "large", bn_aware, bn_stats), tokens.layout(family, "small")
         self.net = net or TranslatorNet(
             ARCHITECTURES.create(arch, in_tokens=src.tokens, in_dim=src.dim, out_tokens=dst.tokens, out_dim=dst.dim,
                                  src_shapes=src.shapes, dst_shapes=dst.shapes, **self.arch_kwargs), src.dim, dst.dim)
+
+    @property
+    def sizes(self) -> Tuple[Tuple[int, int], ...]:
+        """The (large hidden, small hidden) sizes trained for; empty: the family's one size only."""
+        return tuple((int(h), int(m)) for h, m in self.arch_kwargs.get("sizes", ()))
+
+    def at_size(self, small_hidden: Optional[int] = None, large_hidden: Optional[int] = None) -> "Translator":
+        """This translator (the same net) for another size; a one-line error when it serves one size only."""
+        family = self.family.resized(large_hidden, small_hidden)
+        if family == self.family:
+            return self
+        if not self.sizes:
+            raise KTError(f"this translator writes {self.family.name} blocks of hidden {self.family.small_hidden} from "
+                          f"hidden {self.family.large_hidden} only, not {family.small_hidden} from {family.large_hidden}; "
+                          f"train one on pair sets of several sizes (kt train --pairs A,B,...).")
+        view = copy.copy(self)
+        view.family = family
+        return view
+
+    def sized_for(self, large: Mapping[str, torch.Tensor], small_hidden: Optional[int] = None) -> "Translator":
+        """The view that translates these large blocks (kt names, one or stacked) into ``small_hidden``."""
+        return self.at_size(small_hidden, self.family.hidden_of(large) if self.sizes else None)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The net on input tokens, writing this view's small size."""
+        return self.net(x, small_hidden=self.family.small_hidden) if self.sizes else self.net(x)
 
     @property
     def device(self) -> torch.device:
@@ -82,33 +119,37 @@ class Translator:
         return self.family.prototype("small").unfold(weights, shifts)
 
     @torch.no_grad()
-    def translate_batch(self, large: Mapping[str, torch.Tensor]) -> State:
+    def translate_batch(self, large: Mapping[str, torch.Tensor], small_hidden: Optional[int] = None) -> State:
         """Stacked large blocks ``(P, ...)`` -> stacked small blocks ``(P, ...)`` (data-free)."""
-        self.net.eval()
-        x, scales = self.encode(large)
-        return {k: v.cpu() for k, v in self.decode(self.net(x), scales).items()}
+        tr = self.sized_for(large, small_hidden)
+        tr.net.eval()
+        x, scales = tr.encode(large)
+        return {k: v.cpu() for k, v in tr.decode(tr.run(x), scales).items()}
 
-    def translate(self, large_block_state: Mapping[str, torch.Tensor]) -> State:
-        """One large block's state dict -> one small block's state dict."""
-        self.family.check_block_state(large_block_state, "large")
-        out = self.translate_batch({k: v[None] for k, v in large_block_state.items()})
+    def translate(self, large_block_state: Mapping[str, torch.Tensor], small_hidden: Optional[int] = None) -> State:
+        """One large block's state dict -> one small block's state dict (of hidden ``small_hidden``, where
+        the translator serves several sizes; default: its family's)."""
+        tr = self.sized_for(large_block_state, small_hidden)
+        tr.family.check_block_state(large_block_state, "large")
+        out = tr.translate_batch({k: v[None] for k, v in large_block_state.items()})
         bad = non_finite(out)
         if bad:
             raise KTError(f"the translated small block's {bad[0]} is not finite: the large block's weights lie far "
                           f"outside those the translator was trained on; compress a trained block of this family.")
         return {k: v[0].contiguous() for k, v in out.items()}
 
-    def compress(self, network: nn.Module) -> KTNetwork:
+    def compress(self, network: nn.Module, small_hidden: Optional[int] = None) -> KTNetwork:
         """A trained base network (begin + large + last) -> the same network with the small block."""
-        return self.compress_state(network.state_dict())
+        return self.compress_state(network.state_dict(), small_hidden)
 
-    def compress_state(self, state: Mapping[str, torch.Tensor]) -> KTNetwork:
+    def compress_state(self, state: Mapping[str, torch.Tensor], small_hidden: Optional[int] = None) -> KTNetwork:
         """A trained base network's state dict -> the compressed network (checked first, one-line errors)."""
-        self.family.check_network_state(state)
-        compressed = self.family.compressed_network()
+        tr = self.sized_for(prefixed(state, "block"), small_hidden)
+        tr.family.check_network_state(state)
+        compressed = tr.family.compressed_network()
         compressed.begin.load_state_dict(prefixed(state, "begin"))
         compressed.last.load_state_dict(prefixed(state, "last"))
-        compressed.block.load_state_dict(self.translate(prefixed(state, "block")))
+        compressed.block.load_state_dict(tr.translate(prefixed(state, "block")))
         return compressed.eval()
 
     # -- persistence (safetensors + JSON: nothing is unpickled) ----------------------------------
