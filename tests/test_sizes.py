@@ -163,3 +163,31 @@ def test_compress_checkpoint_reads_the_users_block_size(two_sizes):
     user["num_batches_tracked"] = torch.tensor(1)
     out = compress_checkpoint(user, "stage", tr, small_hidden=5 - 1)
     assert tuple(out["stage.conv1.weight"].shape) == (4, 6, 3, 3) and "num_batches_tracked" in out
+
+
+def test_two_ranks_split_every_size_and_walk_the_same_batches(two_sizes, tmp_path):
+    """Under torchrun each rank holds every r-th pair of each size; per global batch (one size) the
+    ranks' rows rebuild it, and one pass covers every pair of every size once."""
+    import torch.distributed as dist
+
+    from kt_mlflow.distributed import World
+    from kt_mlflow.training.train import TranslatorFit
+
+    _, folders = two_sizes
+    sets = [load_split(f, "train") for f in folders]
+    cfg = TrainConfig(recipe="equivariant", batch_size=4, depth=1, width=8, device="cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)  # for DDP
+    try:
+        fits = [TranslatorFit(cfg, FAMILY, sets, None, torch.device("cpu"), World(r, 2, r, 2)) for r in (0, 1)]
+    finally:
+        dist.destroy_process_group()
+    assert [[len(g.source) for g in f.groups] for f in fits] == [[3, 3], [3, 3]]
+    seen = {0: [], 1: []}
+    for shares in zip(*(f.shares(torch.Generator().manual_seed(3)) for f in fits)):
+        assert len({s.group for s in shares}) == 1
+        rebuilt = torch.full((shares[0].total,), -1)
+        for r, share in enumerate(shares):
+            rebuilt[share.pos] = share.rows * 2 + r
+        assert (rebuilt >= 0).all()
+        seen[shares[0].group] += rebuilt.tolist()
+    assert sorted(seen[0]) == sorted(seen[1]) == list(range(6))
