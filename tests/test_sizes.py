@@ -78,17 +78,14 @@ def test_saved_sizes_come_back(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_sizes(tmp_path_factory):
-    """Pairs of paper_mnist at (6 -> 3) and, from a family file of the same name, (8 -> 4), on digits."""
+def two_sizes(tmp_path_factory, tiny_pairs):
+    """Pairs of paper_mnist at (6 -> 3) (the session's tiny pairs) and, from a family file of the same
+    name, (8 -> 4), on digits."""
     root = tmp_path_factory.mktemp("sizes")
-    spec = family_spec(FAMILY.resized(8, 4))
-    (root / "paper_mnist_8.yaml").write_text(yaml.safe_dump(spec))
-    folders = []
-    for name, family in (("six", "paper_mnist"), ("eight", str(root / "paper_mnist_8.yaml"))):
-        folders.append(root / name)
-        generate_pairs(GenerateConfig(output=str(root / name), family=family, dataset="digits", n_pairs=6, n_val=3,
-                                      members=9, workers=1, epochs=1, small_epochs=1))
-    return root, folders
+    (root / "paper_mnist_8.yaml").write_text(yaml.safe_dump(family_spec(FAMILY.resized(8, 4))))
+    generate_pairs(GenerateConfig(output=str(root / "eight"), family=str(root / "paper_mnist_8.yaml"), dataset="digits",
+                                  n_pairs=6, n_val=3, members=9, workers=1, epochs=1, small_epochs=1))
+    return root, [tiny_pairs, root / "eight"]
 
 
 def test_training_on_two_sizes_validates_each_and_serves_both(two_sizes):
@@ -113,12 +110,12 @@ def test_training_on_two_sizes_validates_each_and_serves_both(two_sizes):
     assert df[df["method"] == "kt"]["accuracy"].mean() == pytest.approx(best["val_acc_mean_8to4"], abs=1e-3)
 
 
-def test_size_groups_refuse_other_families_and_a_size_twice(two_sizes, tiny_pairs):
+def test_size_groups_refuse_other_families_and_a_size_twice(two_sizes):
     _, folders = two_sizes
     six, eight = load_split(folders[0], "train"), load_split(folders[1], "train")
     assert [(f.large_hidden, f.small_hidden) for f, _ in size_groups(FAMILY, [six, eight])] == [(6, 3), (8, 4)]
     with pytest.raises(KTError, match=r"the same size \(6, 3\); give each size once"):
-        size_groups(FAMILY, [six, load_split(tiny_pairs, "train")])
+        size_groups(FAMILY, [six, six])
     with pytest.raises(KTError, match="differ in more than their hidden widths"):
         size_groups(create_family("wide_mnist"), [six, eight])
     with pytest.raises(KTError, match="--pairs 'a,,b' has an empty item"):
@@ -157,7 +154,7 @@ def test_kt_train_on_two_sizes_then_compress_at_a_size_never_trained(two_sizes, 
         CompressConfig(model="m", input="i", output=str(tmp_path / "o.pt"), small_hidden=0).validate()
 
 
-def test_compress_checkpoint_reads_the_users_block_size(two_sizes):
+def test_compress_checkpoint_reads_the_users_block_size():
     tr = create_translator("channel_set", FAMILY, bn_aware=True, depth=1, width=8, sizes=SIZES)
     user = {f"stage.{k}": v[0] for k, v in _large(FAMILY.resized(12), 1).items()}
     user["num_batches_tracked"] = torch.tensor(1)
@@ -181,7 +178,7 @@ def test_two_ranks_split_every_size_and_walk_the_same_batches(two_sizes, tmp_pat
         fits = [TranslatorFit(cfg, FAMILY, sets, None, torch.device("cpu"), World(r, 2, r, 2)) for r in (0, 1)]
     finally:
         dist.destroy_process_group()
-    assert [[len(g.source) for g in f.groups] for f in fits] == [[3, 3], [3, 3]]
+    assert [[len(g.source) for g in f.groups] for f in fits] == [[4, 3], [4, 3]]
     seen = {0: [], 1: []}
     for shares in zip(*(f.shares(torch.Generator().manual_seed(3)) for f in fits)):
         assert len({s.group for s in shares}) == 1
@@ -190,4 +187,4 @@ def test_two_ranks_split_every_size_and_walk_the_same_batches(two_sizes, tmp_pat
             rebuilt[share.pos] = share.rows * 2 + r
         assert (rebuilt >= 0).all()
         seen[shares[0].group] += rebuilt.tolist()
-    assert sorted(seen[0]) == sorted(seen[1]) == list(range(6))
+    assert sorted(seen[0]) == list(range(8)) and sorted(seen[1]) == list(range(6))
