@@ -43,9 +43,8 @@ def compress_file(model: str, network: Path, output: Path, device: str = "cpu",
                   small_hidden: Optional[int] = None) -> Dict[str, int]:
     """Translate ``network``'s large block with translator ``model``; write the compressed network."""
     state = load_state_dict(network)
-    translator = load_translator(model, device)
-    compressed = translator.compress_state(state, small_hidden)
-    translator = translator.sized_for(prefixed(state, "block"), small_hidden)
+    translator = load_translator(model, device).sized_for(prefixed(state, "block"), small_hidden)
+    compressed = translator.compress_state(state)
     base = translator.family.base_network()
     save_state_dict(compressed.state_dict(), output)
     before = sum(p.numel() for p in base.parameters())
@@ -63,9 +62,8 @@ def compress_block_file(model: str, network: Path, block: str, output: Path, dev
     """Translate the block at module path ``block`` of any checkpoint; write the checkpoint with the small
     block in its place and the small block's family (``<output>.family.yaml``) beside it."""
     state = load_state_dict(network)
-    translator = load_translator(model, device)
-    new = compress_checkpoint(state, block, translator, small_hidden)
-    translator = sized(translator, split_checkpoint(state, block)[0], small_hidden)
+    translator = sized(load_translator(model, device), split_checkpoint(state, block)[0], small_hidden)
+    new = compress_checkpoint(state, block, translator)
     save_state_dict(new, output)
     family_file = family_file_of(str(output))
     atomic_write(family_file, lambda tmp: Path(tmp).write_text(yaml.safe_dump(family_spec(translator.family),

@@ -28,14 +28,14 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     """Train and register a translator inside an MLflow run; returns (run id, model version), rank 0's."""
     cfg.validate()
     pairs = cfg.pairs or default_pairs(cfg.dataset, cfg.data_root)
-    sets = [load_pair_splits(spec, cfg.dataset) for spec in cfg.pair_specs(pairs)]
-    family = family_of(sets[0][1].settings)
-    train = sets[0][1] if len(sets) == 1 else [t for _, t, _ in sets]
-    val = sets[0][2] if len(sets) == 1 else [v for _, _, v in sets]
-    data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour, sets[0][1].settings)
+    specs = cfg.pair_specs(pairs)
+    folders, trains, vals = zip(*(load_pair_splits(spec, cfg.dataset) for spec in specs))
+    family = family_of(trains[0].settings)
+    train, val = (trains[0], vals[0]) if len(specs) == 1 else (list(trains), list(vals))   # one set, or one per size
+    data = load_for(family, cfg.dataset, cfg.data_root, cfg.colour, trains[0].settings)
     name = cfg.registered_name or default_name(family.name, cfg.resolved_arch)
     params = {**cfg.as_params(), "pairs": pairs, "registered_name": name, "family": family.name,
-              "n_train_pairs": sum(len(t) for _, t, _ in sets), "n_val": sum(len(v) for _, _, v in sets)}
+              "n_train_pairs": sum(map(len, trains)), "n_val": sum(map(len, vals))}
     check_training(cfg, family, train, val)   # refusals before the run opens
     run_name = f"translator {cfg.resolved_arch} {cfg.recipe}"
     if not world().is_main:
@@ -44,7 +44,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
     with step_run("train", params, run_name=run_name, nested=nested, experiment=experiment,
                   family=family.name) as run:
         log_family(family)
-        for (folder, _, _), spec in zip(sets, cfg.pair_specs(pairs)):
+        for folder, spec in zip(folders, specs):
             log_pair_input(folder, spec, "training")
         log_image_input(data, cfg.dataset, cfg.data_root, "task")
         result = train_translator(cfg, family, train, val, data, on_epoch=_EpochLog())
@@ -56,7 +56,7 @@ def run_train(cfg: TrainConfig, *, experiment: Optional[str] = None,
         kept = keep_translator(result.translator, name, tags, best)
         try:
             mlflow.log_metrics(best)
-            example = {k: v[:1] for k, v in sets[0][2].part("large").items()}
+            example = {k: v[:1] for k, v in vals[0].part("large").items()}
             version = log_translator(result.translator, example, name, tags=tags, alias=CANDIDATE)
         except Exception as e:
             message = (f"the trained translator could not be logged ({first_line(e)}); it is kept in {kept}: "

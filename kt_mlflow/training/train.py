@@ -142,9 +142,6 @@ def _moments(xs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), var.sqrt().float()
 
 
-Groups = Sequence[Tuple[BlockFamily, PairSet]]
-
-
 def size_groups(family: BlockFamily, train: Union[PairSet, Sequence[PairSet]]) -> List[Tuple[BlockFamily, PairSet]]:
     """``train`` as (family, pairs) per size: one set is ``family``'s; several sets (pairs of one family at
     several hidden widths, for a translator that serves them all) each carry their own family."""
@@ -163,17 +160,13 @@ def size_groups(family: BlockFamily, train: Union[PairSet, Sequence[PairSet]]) -
     return groups
 
 
-def group_sizes(groups: Groups) -> List[List[int]]:
-    """The ``sizes`` arch kwarg of a multi-size translator (none for one size)."""
-    return [[f.large_hidden, f.small_hidden] for f, _ in groups] if len(groups) > 1 else []
-
-
 class PairGroup:
     """One size's training pairs on the device: blocks, the net's input and target tokens, the task loss."""
 
     def __init__(self, fit: "TranslatorFit", translator: Translator, train: PairSet, data, device: torch.device,
                  bank_bytes: int) -> None:
-        w, recipe, self.fit = fit.world, fit.recipe, fit
+        w, recipe = fit.world, fit.recipe
+        self.recipe = recipe
         self.translator, self.family, self.n_pairs = translator, translator.family, len(train)
         mine = train.subset(torch.arange(w.rank, self.n_pairs, w.size)) if w.distributed else train
         self.large = {k: v.to(device) for k, v in mine.part("large").items()}
@@ -191,7 +184,7 @@ class PairGroup:
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator, part: Part):
         """(source tokens, scales, target tokens, perturbed large blocks or None) of pairs ``idx``."""
-        recipe, batch_large = self.fit.recipe, None
+        recipe, batch_large = self.recipe, None
         if recipe.perturb > 0:
             batch_large = perturb_params({k: v[idx] for k, v in self.large.items()}, recipe.perturb, gen, part)
         if recipe.perm_augment:
@@ -306,9 +299,11 @@ class TranslatorFit:
         return metrics
 
 
-def _sized(arch_kwargs: Dict[str, object], groups: Groups) -> Dict[str, object]:
-    sizes = group_sizes(groups)
-    return {**arch_kwargs, "sizes": sizes} if sizes else arch_kwargs
+def _sized(arch_kwargs: Dict[str, object], groups: Sequence[Tuple[BlockFamily, PairSet]]) -> Dict[str, object]:
+    """The arch kwargs, with a multi-size translator's ``sizes`` where there are several groups."""
+    if len(groups) == 1:
+        return arch_kwargs
+    return {**arch_kwargs, "sizes": [[f.large_hidden, f.small_hidden] for f, _ in groups]}
 
 
 def _size_kwargs(group: PairGroup) -> Dict[str, int]:
