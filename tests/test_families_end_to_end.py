@@ -33,3 +33,6 @@ def test_main_runs_every_new_kind_of_family_end_to_end(name, tmp_path, local_tra
     assert metrics["trained_acc_mean"] > 30  # the small blocks really trained on real MNIST
     image_inputs = [i.dataset for i in children["generate"].inputs.dataset_inputs if i.dataset.name.startswith("mnist")]
     assert [d.name for d in image_inputs] == (["mnist-colour-32"] if name == "rgb32" else ["mnist"])
+    # across kernel sizes (only kernel5 here) channel_set carries the kernel map, recorded on the model
+    [version] = mlflow.MlflowClient().search_model_versions(f"run_id = '{children['train'].info.run_id}'")
+    assert version.tags.get("kt.arch.kernel_map") == ("True" if name == "kernel5" else None)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -5,6 +7,8 @@ from kt_mlflow.blocks import create_family
 from kt_mlflow.blocks.resnet import BasicBlock
 from kt_mlflow.errors import KTError
 from kt_mlflow.translators import MixerTranslator, Translator, create_translator, tokens
+
+FAMILY_FILES = Path(__file__).resolve().parents[1] / "projects" / "families"
 
 
 def test_token_layout_is_derived_from_the_family():
@@ -128,15 +132,19 @@ def _random_large_blocks(family, p: int, seed: int = 0):
     return {k: (v.abs() + 0.5 if "running_var" in k else v) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("family_name", ["paper_mnist", "wide_mnist"])
+@pytest.mark.parametrize("family_name", ["paper_mnist", "wide_mnist", str(FAMILY_FILES / "kernel5.yaml")],
+                         ids=["paper_mnist", "wide_mnist", "kernel5"])
 def test_channel_set_follows_the_block_symmetries(family_name):
     """Permuting the large block's hidden channels changes nothing; permuting its residual channels
-    permutes the small block's residual channels the same way (inputs of conv1, outputs of conv2)."""
+    permutes the small block's residual channels the same way (inputs of conv1, outputs of conv2).
+    Across kernel sizes (kernel5: 5x5 into 3x3) with the kernel map too."""
     fam = create_family(family_name)
-    tr = create_translator("channel_set", fam, bn_aware=True, depth=2, width=16)
-    with torch.no_grad():  # non-trivial standardisation, as after training
+    tr = create_translator("channel_set", fam, bn_aware=True, depth=2, width=16, kernel_map=fam.kernels_differ)
+    with torch.no_grad():  # non-trivial standardisation and kernel map, as after training
         tr.net.in_mean.normal_()
         tr.net.out_std.uniform_(0.5, 2.0)
+        if fam.kernels_differ:
+            tr.net.core.kernel_map.weight.normal_()
     large = _random_large_blocks(fam, 4)
     base = tr.translate_batch(large)
     hidden = torch.stack([torch.randperm(fam.large_hidden) for _ in range(4)])
@@ -222,3 +230,28 @@ def test_chunked_choice_gelu_has_the_plain_expressions_values_and_gradients(chun
     for a, b in zip(grads, wants):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(ChoiceGelu.apply, (edge, query, choice))
+
+
+def test_channel_set_kernel_map_starts_at_zero_and_adds_the_chosen_edges_linear_view():
+    """The kernel map (5x5 into 3x3) is zero at init, so the translator starts as the plain one; trained,
+    it adds the soft choice over large hidden channels of a linear map of each edge's own numbers."""
+    from kt_mlflow.translators.channel_set import ChannelSetTranslator
+
+    shapes = dict(src_shapes=((6, 6, 5, 5), (6, 6, 5, 5)), dst_shapes=((3, 6, 3, 3), (6, 3, 3, 3)), depth=2, width=16)
+    torch.manual_seed(0)
+    plain = ChannelSetTranslator(72, 26, 36, 9, **shapes).double()
+    torch.manual_seed(0)
+    mapped = ChannelSetTranslator(72, 26, 36, 9, kernel_map=True, **shapes).double()
+    x = torch.randn(3, 72, 26, dtype=torch.float64)
+    torch.testing.assert_close(mapped(x), plain(x), rtol=0, atol=0)
+    with torch.no_grad():
+        mapped.kernel_map.weight.normal_()
+    # the same soft choice as the plain net, from the same edge features, applied to the raw edges
+    conv1, conv2 = x[:, :36].reshape(3, 6, 6, 26), x[:, 36:].reshape(3, 6, 6, 26).transpose(1, 2)
+    edges = torch.cat([conv1, conv2], -1)
+    e = plain.norm(plain.layers(plain.embed(edges)))
+    choice = torch.einsum("mc,bhc->bmh", plain.queries, plain.key(e.mean(2))).div(16 ** 0.5).softmax(-1)
+    extra = torch.einsum("bmh,bhrc->bmrc", choice, edges) @ mapped.kernel_map.weight.T      # (B, M, R, 18)
+    want = plain(x) + torch.cat([extra[..., :9].reshape(3, 18, 9), extra[..., 9:].transpose(1, 2).reshape(3, 18, 9)], 1)
+    torch.testing.assert_close(mapped(x), want, rtol=1e-12, atol=1e-12)
+    assert (mapped(x) - plain(x)).abs().max() > 1e-3

@@ -72,6 +72,12 @@ class BlockFamily:
         return self.image_size // self.patch if self.begin_kind == "patch" else stem_out_size(self.image_size)
 
     @property
+    def kernels_differ(self) -> bool:
+        """Whether the large and the small block have different kernel sizes (a 5x5 block into a 3x3 one)."""
+        kernels = lambda which: {s[2:] for s in self.weight_shapes(which).values()}  # noqa: E731
+        return kernels("large") != kernels("small")
+
+    @property
     def native_kernels(self) -> bool:
         """Whether generation can use the native member-interleaved convolutions ('same' convs only)."""
         return self.begin_kind == "conv"

@@ -84,7 +84,7 @@ def check_training(cfg: TrainConfig, family: BlockFamily, train: Union[PairSet, 
     if recipe.canonical:
         _canonicalizer(family)
     create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, rescale=recipe.rescale,
-                      bn_stats=recipe.bn_stats, **_sized(cfg.arch_kwargs(), sets))
+                      bn_stats=recipe.bn_stats, **_arch_kwargs(cfg, family, sets))
 
 
 def _permuted(family: BlockFamily, large: State, gen: torch.Generator, part: Part = None) -> State:
@@ -210,7 +210,7 @@ class TranslatorFit:
         for _, pairs in sets:
             _check_ranks(len(pairs), self.world.size)
         self.translator = create_translator(cfg.resolved_arch, family, bn_aware=recipe.bn_aware, rescale=recipe.rescale,
-                                            bn_stats=recipe.bn_stats, **_sized(cfg.arch_kwargs(), sets))
+                                            bn_stats=recipe.bn_stats, **_arch_kwargs(cfg, family, sets))
         self.net = self.translator.net.to(device)
         total = sum(len(p) for _, p in sets)
         self.groups = [PairGroup(self, self.translator.at_size(f.small_hidden, f.large_hidden), pairs, data, device,
@@ -299,11 +299,15 @@ class TranslatorFit:
         return metrics
 
 
-def _sized(arch_kwargs: Dict[str, object], groups: Sequence[Tuple[BlockFamily, PairSet]]) -> Dict[str, object]:
-    """The arch kwargs, with a multi-size translator's ``sizes`` where there are several groups."""
-    if len(groups) == 1:
-        return arch_kwargs
-    return {**arch_kwargs, "sizes": [[f.large_hidden, f.small_hidden] for f, _ in groups]}
+def _arch_kwargs(cfg: TrainConfig, family: BlockFamily, groups: Sequence[Tuple[BlockFamily, PairSet]]) -> Dict[str, object]:
+    """The config's arch kwargs, plus what the pairs decide: a multi-size translator's ``sizes`` where
+    there are several groups, and channel_set's ``kernel_map`` where the two blocks' kernels differ."""
+    kw = cfg.arch_kwargs()
+    if cfg.resolved_arch == "channel_set" and family.kernels_differ:
+        kw["kernel_map"] = True
+    if len(groups) > 1:
+        kw["sizes"] = [[f.large_hidden, f.small_hidden] for f, _ in groups]
+    return kw
 
 
 def _size_kwargs(group: PairGroup) -> Dict[str, int]:

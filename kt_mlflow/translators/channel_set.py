@@ -49,7 +49,7 @@ class ChannelSetTranslator(nn.Module):
     def __init__(self, in_tokens: int, in_dim: int, out_tokens: int, out_dim: int,
                  src_shapes: Sequence[Tuple[int, ...]] = (), dst_shapes: Sequence[Tuple[int, ...]] = (),
                  depth: int = 4, width: int = 64, channel_hidden: int = 128, dropout: float = 0.0,
-                 sizes: Sequence[Sequence[int]] = (), **_: object) -> None:
+                 sizes: Sequence[Sequence[int]] = (), kernel_map: bool = False, **_: object) -> None:
         super().__init__()
         if len(src_shapes) != 2 or len(dst_shapes) != 2:
             raise KTError("the channel_set translator needs a block of two convs (in -> hidden -> in) on both sides.")
@@ -72,6 +72,12 @@ class ChannelSetTranslator(nn.Module):
             self.size_embed = nn.Linear(2, width)
         self.key = nn.Linear(width, width)
         self.write = nn.Sequential(nn.Linear(2 * width, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, 2 * out_dim))
+        # A linear path from the chosen large edges' own numbers (kernel positions, shifts) to the written
+        # ones: across kernel sizes the small kernel is mostly a fixed linear view of the large one,
+        # which the normalised edge features above carry only indirectly. Zero at init.
+        self.kernel_map = nn.Linear(self.edge_dim, 2 * out_dim, bias=False) if kernel_map else None
+        if self.kernel_map is not None:
+            nn.init.zeros_(self.kernel_map.weight)
 
     @property
     def max_small_hidden(self) -> int:
@@ -95,11 +101,14 @@ class ChannelSetTranslator(nn.Module):
         q = self._queries(h, m)
         conv1 = x[:, : h * r].reshape(b, h, r, -1)                  # kernel h <- r
         conv2 = x[:, h * r:].reshape(b, r, h, -1).transpose(1, 2)   # kernel r <- h, as (h, r)
-        e = self.norm(self.layers(self.embed(torch.cat([conv1, conv2], -1))))  # (B, H, R, C)
+        edges = torch.cat([conv1, conv2], -1)                       # (B, H, R, 2*D_in)
+        e = self.norm(self.layers(self.embed(edges)))               # (B, H, R, C)
         # Soft choice of large hidden channels for each small one, from each hidden channel's summary.
         logits = torch.einsum("mc,bhc->bmh", q, self.key(e.mean(2))) / e.shape[-1] ** 0.5
         choice = logits.softmax(-1)                                           # (B, M, H)
         kern = self._write(e, choice, q)                                      # (B, M, R, 2*D)
+        if self.kernel_map is not None:
+            kern = kern + self.kernel_map(torch.einsum("bmh,bhrc->bmrc", choice, edges))
         k1, k2 = kern[..., : self.out_dim], kern[..., self.out_dim:]
         return torch.cat([k1.reshape(b, m * r, -1), k2.transpose(1, 2).reshape(b, r * m, -1)], 1)
 
