@@ -3,20 +3,31 @@
 Both ways train the same channel_set translator with the `best` recipe (task loss, perturbations) on
 the same synthetic pairs of a family and the bundled MNIST images; they alternate in rounds of
 ``--steps`` steps and the median of the per-round ratios is printed. "Before" is the same loop with
-the two formulations it replaced put back:
+the formulations it replaced put back (``--before`` names some of them to put back only those):
 
-- the task loss read whole per-pair feature banks and then picked the step's images from them
+- ``banks``: the task loss read whole per-pair feature banks and then picked the step's images from them
   (``bank[idx][:, pick]``, a copy of every image of every pair in the batch), where it now gathers
   the k x n entries it uses;
-- the channel_set translator wrote each (small channel, large channel, residual channel) kernel with
+- ``write``: the channel_set translator wrote each (small channel, large channel, residual channel) kernel with
   the full write MLP and then took the choice-weighted sum, where it now splits the first layer
-  and moves the last one outside the sum (the same function, M times fewer multiply-adds).
+  and moves the last one outside the sum (the same function, M times fewer multiply-adds);
+- ``edges``: each channel_set edge layer ran its first linear layer on the concatenation [edge, row mean, column
+  mean, grid mean] (B, H, R, 4C), where it now runs each part through its slice of the weights (the
+  means once per row, column or grid, not once per edge);
+- ``layout``: the task loss ran the pairs' networks with grouped convolutions (member major), where on a CPU it
+  now runs the native member-interleaved kernels that generation uses;
+- ``dropout``: dropout drew its masks with PyTorch's ``bernoulli_``, where on a CPU it now uses the
+  native counter-based mask (``blocks.native.dropout_mask``);
+- ``pool`` (not in the default): the native kernels split the batch on a pool of Python threads, where
+  they now run on PyTorch's OpenMP threads.
 
     python benchmarks/best_step.py --family paper_mnist --pairs 2048 --rounds 5 --steps 10
+    python benchmarks/best_step.py --before layout --rounds 8 --steps 3   # one rewrite alone
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -25,13 +36,13 @@ from contextlib import contextmanager
 import torch
 from synthetic import random_stack  # benchmarks/synthetic.py (scripts run from their folder)
 
-from kt_mlflow.blocks import create_family
+from kt_mlflow.blocks import create_family, native
 from kt_mlflow.config import TrainConfig
 from kt_mlflow.data import load_for
 from kt_mlflow.pairs.store import PairSet
 from kt_mlflow.training import task_loss
 from kt_mlflow.training.train import BatchShare, TranslatorFit
-from kt_mlflow.translators.channel_set import ChannelSetTranslator
+from kt_mlflow.translators.channel_set import ChannelSetTranslator, EdgeLayer
 
 
 def synthetic_pairs(family, n: int) -> PairSet:
@@ -50,6 +61,13 @@ def _write_before(self, e, choice, queries):
     return torch.einsum("bmh,bmhrd->bmrd", choice, kern)
 
 
+def _edge_layer_before(self, e):
+    x = self.norm(e)
+    row, col = x.mean(2, keepdim=True), x.mean(1, keepdim=True)
+    pooled = [x, row.expand_as(x), col.expand_as(x), x.mean((1, 2), keepdim=True).expand_as(x)]
+    return e + self.mlp(torch.cat(pooled, -1))
+
+
 class _WholeBanks(torch.Tensor):
     """A bank tensor whose (rows, picks) gather goes the old way: all of each row first."""
 
@@ -60,17 +78,35 @@ class _WholeBanks(torch.Tensor):
         return plain[key]
 
 
+# What "before" can put back (``--before``); the default is every rewrite of the loop, not "pool".
+REWRITES = ("banks", "write", "edges", "layout", "dropout")
+
+
 @contextmanager
-def before(fit: TranslatorFit):
-    task = fit.groups[0].task
-    write, banks = ChannelSetTranslator._write, (task.pre, task.outs, task.teacher)
-    ChannelSetTranslator._write = _write_before
-    task.pre, task.outs, task.teacher = (t.as_subclass(_WholeBanks) for t in banks)
+def before(fit: TranslatorFit, what=REWRITES):
+    """The step with the named formulations put back: ``banks``, ``write``, ``edges``, ``layout`` and
+    ``dropout`` as listed above; ``pool``: the native kernels' threads in a Python pool, not OpenMP."""
+    task, lib = fit.groups[0].task, native.library()
+    saved = (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, task.native, lib.kt_openmp)
+    banks = task.pre, task.outs, task.teacher
+    if "write" in what:
+        ChannelSetTranslator._write = _write_before
+    if "edges" in what:
+        EdgeLayer.forward = _edge_layer_before
+    if "dropout" in what:
+        native.Dropout.forward = torch.nn.Dropout.forward
+    if "banks" in what:
+        task.pre, task.outs, task.teacher = (t.as_subclass(_WholeBanks) for t in banks)
+    if "layout" in what:
+        task.native, task._nets = False, {}   # the networks are built again in the grouped layout
+    if "pool" in what:
+        lib.kt_openmp = lambda: 0
     try:
         yield
     finally:
-        ChannelSetTranslator._write = write
+        ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, native_layout, lib.kt_openmp = saved
         task.pre, task.outs, task.teacher = banks
+        task.native, task._nets = native_layout, {}
 
 
 def steps_per_s(fit: TranslatorFit, n: int, batch: int, start: int) -> float:
@@ -89,19 +125,24 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--before", default=",".join(REWRITES),
+                   help=f"what 'before' puts back, comma-separated: {', '.join(REWRITES)}, pool (default: every rewrite)")
     a = p.parse_args(argv)
-    print("command: python benchmarks/best_step.py " + " ".join(sys.argv[1:]))
+    what = set(a.before.split(","))
+    if not what <= {*REWRITES, "pool"}:
+        p.error(f"--before takes {', '.join(REWRITES)}, pool; got {a.before!r}")
+    print("command: python benchmarks/best_step.py " + shlex.join(sys.argv[1:]))
     family = create_family(a.family)
     cfg = TrainConfig(recipe="best", batch_size=a.batch_size, width=a.width, device="cpu")
     torch.manual_seed(0)
     fit = TranslatorFit(cfg, family, synthetic_pairs(family, a.pairs), load_for(family, "mnist", None), torch.device("cpu"))
     assert isinstance(fit.groups[0].task, task_loss.TaskLoss)
     steps_per_s(fit, 2, a.batch_size, 0)          # warm-up, both ways
-    with before(fit):
+    with before(fit, what):
         steps_per_s(fit, 2, a.batch_size, 0)
     ratios = []
     for r in range(a.rounds):
-        with before(fit):
+        with before(fit, what):
             old = steps_per_s(fit, a.steps, a.batch_size, 100 * r)
         new = steps_per_s(fit, a.steps, a.batch_size, 100 * r)
         ratios.append(new / old)

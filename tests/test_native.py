@@ -75,6 +75,60 @@ def test_threads_split_the_batch_without_changing_results():
     torch.testing.assert_close(gw1, gw3, rtol=1e-5, atol=1e-5)  # partial sums per thread, added
 
 
+def test_openmp_threads_and_python_threads_give_the_same_results(monkeypatch):
+    """Built with OpenMP (g++ has it), the library splits the batch on PyTorch's own threads; without,
+    a pool of Python threads runs the parts: the same outputs and gradients, bit for bit."""
+    lib = native.library()
+    assert lib.kt_openmp() == 1, "the kernels were built without OpenMP (g++ -fopenmp failed)"
+    torch.manual_seed(0)
+    x = interleave(torch.randn(7, 16 * 6, 14, 14, dtype=torch.float64), 16).requires_grad_()
+    w = torch.randn(16 * 6, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    img = interleave(torch.randn(5, 16, 28, 28, dtype=torch.float64), 16)
+    w0 = torch.randn(16 * 6, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    threads, results = torch.get_num_threads(), []
+    try:
+        torch.set_num_threads(2)
+        for openmp in (1, 0):
+            monkeypatch.setattr(lib, "kt_openmp", lambda on=openmp: on)
+            out, pooled = member_conv2d(x, w, 16, 2), native.member_conv2d_max_pool(img, w0, 16)
+            grads = torch.autograd.grad(out.sum() + pooled.sum(), (x, w, w0))
+            results.append((out, pooled, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_dropout_masks_keep_the_asked_share_reproducibly():
+    """``dropout_mask``: 1/(1-p) with probability 1-p, else 0; the same mask for the same seed at any
+    thread count, another for another seed; ``native.Dropout`` is ``nn.Dropout`` with these masks."""
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for n, seed in ((1, 1), (2, 1), (2, 2)):
+            torch.set_num_threads(n)
+            masks.append(native.dropout_mask((1000, 1000), 0.3, torch.Generator().manual_seed(seed)))
+    finally:
+        torch.set_num_threads(threads)
+    a, b, c = masks
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    values = a.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7, rel=1e-6)
+    assert float((a > 0).float().mean()) == pytest.approx(0.7, abs=0.002)   # 1e6 draws: sd 0.00046
+    rows = (a > 0).float().mean(1)
+    assert float(rows.std()) == pytest.approx((0.7 * 0.3 / 1000) ** 0.5, rel=0.1)   # no clumping in rows
+    drop = native.Dropout(0.3)
+    x = torch.randn(64, 256)
+    torch.manual_seed(5)
+    y = drop.train()(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, drop(x))
+    torch.manual_seed(5)
+    assert torch.equal(y, x * native.dropout_mask(x.shape, 0.3))
+    assert torch.equal(drop.eval()(x), x) and torch.equal(native.Dropout(0.0).train()(x), x)
+    assert native.Dropout(0.3).train()(x.double()).dtype == torch.float64   # other types: PyTorch's dropout
+
+
 def test_interleave_round_trip_and_order():
     x = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float32).view(2, 3 * 4, 2, 2)  # 3 members, 4 channels
     y = interleave(x, 3)

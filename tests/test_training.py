@@ -189,6 +189,42 @@ def test_context_perturbation_is_a_network_with_other_begin_and_last_blocks(setu
     assert abs(float(plain[0] - kl)) > 1e-4
 
 
+def test_task_loss_layouts_agree_float64(setup, monkeypatch):
+    """On a CPU the task loss runs the native kernels, members interleaved; in float64 its losses, the
+    gradients reaching the translated blocks and its banks equal the grouped-convolution layout's."""
+    import dataclasses
+
+    from kt_mlflow.blocks.native import available
+    from kt_mlflow.training import task_loss
+
+    assert available(), "the native kernels did not build (is g++ installed?)"
+    family, train, _, data = setup
+    train64 = type(train)(train.settings, {k: v.double() for k, v in train.tensors.items()}, train.records)
+    data64 = dataclasses.replace(data, train_x=data.train_x.double())
+    idx = torch.tensor([5, 2, 7])
+    small = {k: torch.randn(3, *v.shape, dtype=torch.float64) * 0.2 for k, v in family.small_block().state_dict().items()}
+    teacher = perturb_params({k: v[idx] for k, v in train64.part("large").items()}, 0.2, torch.Generator().manual_seed(1))
+    runs = []
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for native in (True, False):
+            monkeypatch.setattr(task_loss, "use_native", lambda *a, on=native, **k: on)
+            loss = TaskLoss(family, train64, data64, torch.device("cpu"), bank=40, seed=3, context=0.3, grad_leak=0.05)
+            assert loss.native is native
+            out = [loss.pre, loss.outs, loss.teacher]
+            for large in (None, teacher):   # the stored teacher, and one computed on the fly
+                leaf = {k: v.clone().requires_grad_() for k, v in small.items()}
+                kl, feat = loss(leaf, idx, 12, torch.Generator().manual_seed(9), large)
+                (kl + 2 * feat).backward()
+                out += [kl, feat, *(leaf[k].grad for k in sorted(leaf))]
+            runs.append(out)
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("context", [0.0, 0.3])
 def test_a_task_loss_past_its_memory_budget_keeps_no_bank_and_gives_the_same_losses(setup, context):
     """At any pair count the bank stays within its budget: below MIN_BANK images per pair it keeps

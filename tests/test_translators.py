@@ -210,6 +210,27 @@ def test_channel_set_writes_what_the_soft_choice_over_written_kernels_gives():
     torch.testing.assert_close(net._write(e, choice, net.queries), want, rtol=1e-12, atol=1e-12)
 
 
+def test_channel_set_edge_layer_is_its_first_layer_on_the_concatenated_means():
+    """The edge layer runs each mean through its slice of the first layer's weights and broadcasts
+    after; in float64 that is the textbook form, the MLP on [e, row mean, column mean, grid mean]
+    concatenated for every edge: values and the gradients of the edges and every weight."""
+    from kt_mlflow.translators.channel_set import EdgeLayer
+
+    torch.manual_seed(0)
+    layer = EdgeLayer(8, 20, dropout=0.0).double()
+    e = torch.randn(3, 5, 4, 8, dtype=torch.float64, requires_grad=True)     # (B, H, R, C): H != R
+    x = layer.norm(e)
+    pooled = [x, x.mean(2, keepdim=True).expand_as(x), x.mean(1, keepdim=True).expand_as(x),
+              x.mean((1, 2), keepdim=True).expand_as(x)]
+    want = e + layer.mlp(torch.cat(pooled, -1))
+    got = layer(e)
+    upstream = torch.randn_like(got)
+    params = (e, *layer.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad((got * upstream).sum(), params), torch.autograd.grad((want * upstream).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [1, 2 * 3 * 6 * 6 * 5, 1 << 20])   # one pair, two pairs, all at once
 def test_chunked_choice_gelu_has_the_plain_expressions_values_and_gradients(chunk, monkeypatch):
     """``ChoiceGelu`` (chunks formed in cache, formed again in the backward pass) in float64 against the

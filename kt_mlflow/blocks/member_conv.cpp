@@ -12,11 +12,29 @@
 #include <algorithm>
 #include <cstring>
 
+// Register tiles sized for the machine's SIMD registers (-D overrides, for benchmarks).
+#ifndef KT_VBYTES
+#if defined(__AVX512F__)
+#define KT_VBYTES 64
+#else
+#define KT_VBYTES 32
+#endif
+#endif
+#ifndef KT_OB
+#define KT_OB 6
+#endif
+#ifndef KT_P
+#define KT_P 4
+#endif
+#ifndef KT_IB
+#define KT_IB 3
+#endif
+
 namespace {
 
 template <typename T>
 struct Vec {
-    typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+    typedef T type __attribute__((vector_size(KT_VBYTES), aligned(sizeof(T))));
 };
 
 template <typename W, typename T>
@@ -35,7 +53,7 @@ struct Shape {
 // Calls f.template run<N>() with the compile-time block size N = min(n, 6): register tiles of fixed size.
 template <typename F>
 inline void with_block(long n, F&& f) {
-    switch (std::min<long>(n, 6)) {
+    switch (std::min<long>(n, KT_OB)) {
         case 6: f.template run<6>(); break;
         case 5: f.template run<5>(); break;
         case 4: f.template run<4>(); break;
@@ -78,7 +96,10 @@ struct Forward {
     template <int OB> void run() {
         for (long ho = 0; ho < S.Ho; ++ho) {
             long wo = 0;
-            for (; wo + 4 <= S.Wo; wo += 4) forward_tile<T, W, OB, 4>(S, x, wv, out, b, ho, wo, o0, m);
+            for (; wo + KT_P <= S.Wo; wo += KT_P) forward_tile<T, W, OB, KT_P>(S, x, wv, out, b, ho, wo, o0, m);
+            // the row's last positions in one narrower tile (7 outputs: a tile of 4, then one of 3)
+            for (; wo + 3 <= S.Wo; wo += 3) forward_tile<T, W, OB, 3>(S, x, wv, out, b, ho, wo, o0, m);
+            for (; wo + 2 <= S.Wo; wo += 2) forward_tile<T, W, OB, 2>(S, x, wv, out, b, ho, wo, o0, m);
             for (; wo < S.Wo; ++wo) forward_tile<T, W, OB, 1>(S, x, wv, out, b, ho, wo, o0, m);
         }
     }
@@ -149,7 +170,7 @@ template <typename T, typename W>
 struct BackwardWeight {
     const Shape& S; const T* x; const T* g; T* gw; long b, t, i0, m;
     template <int IB> void run() {
-        for (long o0 = 0; o0 < S.Co; o0 += 6)
+        for (long o0 = 0; o0 < S.Co; o0 += KT_OB)
             with_block(S.Co - o0, BackwardWeightTile<T, W, IB>{S, x, g, gw, b, t, i0, o0, m});
     }
 };
@@ -170,7 +191,7 @@ template <typename T>
 struct ForwardAll {
     const Shape& S; const T* x; const T* wv; T* out;
     template <typename W> void run(long b, long m) {
-        for (long o0 = 0; o0 < S.Co; o0 += 6) with_block(S.Co - o0, Forward<T, W>{S, x, wv, out, b, o0, m});
+        for (long o0 = 0; o0 < S.Co; o0 += KT_OB) with_block(S.Co - o0, Forward<T, W>{S, x, wv, out, b, o0, m});
     }
 };
 
@@ -178,7 +199,7 @@ template <typename T>
 struct BackwardDataAll {
     const Shape& S; const T* g; const T* wv; T* gx;
     template <typename W> void run(long b, long m) {
-        for (long o0 = 0; o0 < S.Co; o0 += 6) with_block(S.Co - o0, BackwardData<T, W>{S, g, wv, gx, b, o0, m});
+        for (long o0 = 0; o0 < S.Co; o0 += KT_OB) with_block(S.Co - o0, BackwardData<T, W>{S, g, wv, gx, b, o0, m});
     }
 };
 
@@ -187,8 +208,8 @@ struct BackwardWeightAll {
     const Shape& S; const T* x; const T* g; T* gw;
     template <typename W> void run(long b, long m) {
         for (long t = 0; t < S.k * S.k; ++t)
-            for (long i0 = 0; i0 < S.Ci; i0 += 3) {
-                const long n = std::min<long>(3, S.Ci - i0);
+            for (long i0 = 0; i0 < S.Ci; i0 += KT_IB) {
+                const long n = std::min<long>(KT_IB, S.Ci - i0);
                 if (n == 3) BackwardWeight<T, W>{S, x, g, gw, b, t, i0, m}.template run<3>();
                 else if (n == 2) BackwardWeight<T, W>{S, x, g, gw, b, t, i0, m}.template run<2>();
                 else BackwardWeight<T, W>{S, x, g, gw, b, t, i0, m}.template run<1>();
@@ -275,35 +296,106 @@ void conv_pool_backward_weight(const Shape& S, const Pool& P, const T* x, const 
     delete[] buf;
 }
 
+// The batch in `threads` contiguous parts, part t on thread t of the OpenMP team, which is PyTorch's own
+// (the library links the libgomp that torch already loaded): its idle threads take the work at once,
+// where a second pool of threads would compete with them for the cores. Without OpenMP the parts run
+// one after another, with the same results.
+template <typename F>
+void split_batch(long B, long threads, F&& part) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+#endif
+    for (long t = 0; t < threads; ++t) part(B * t / threads, B * (t + 1) / threads, t);
+}
+
+// Parts that all add into `sum` (a weight gradient): part 0 into `sum`, the others into zeroed copies,
+// added to it in order after.
+template <typename T, typename F>
+void split_summed(long B, long threads, T* sum, long n, F&& part) {
+    T* extra = threads > 1 ? new T[(threads - 1) * n]() : nullptr;
+    split_batch(B, threads, [&](long b0, long b1, long t) { part(b0, b1, t == 0 ? sum : extra + (t - 1) * n); });
+    for (long t = 1; t < threads; ++t)
+        for (long i = 0; i < n; ++i) sum[i] += extra[(t - 1) * n + i];
+    delete[] extra;
+}
+
+inline Shape part_of(Shape S, long b0, long b1) { S.B = b1 - b0; return S; }
+
 }  // namespace
 
+// Dropout's mask: out[i] = scale where a hash of (seed, i) falls below `keep` (out of 2^24), else 0.
+// A counter-based hash, so any split of the elements over threads gives the same mask; 32-bit
+// arithmetic, so the loop runs in SIMD lanes (PyTorch's CPU bernoulli_ draws each element in turn).
+extern "C" void kt_dropout_mask_f32(float* out, long n, long keep, float scale, unsigned long seed, long threads) {
+    const unsigned lo = (unsigned)seed, hi = (unsigned)(seed >> 32);
+    split_batch(n, threads, [&](long i0, long i1, long) {
+        for (long i = i0; i < i1; ++i) {
+            unsigned h = (unsigned)i * 0x9E3779B1u + lo;
+            h ^= (unsigned)(i >> 32) * 0x85EBCA77u ^ hi;
+            h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+            h += hi;
+            h ^= h >> 16; h *= 0x7FEB352Du; h ^= h >> 15; h *= 0x846CA68Bu; h ^= h >> 16;
+            out[i] = (long)(h >> 8) < keep ? scale : 0.0f;
+        }
+    });
+}
+
+extern "C" int kt_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Every function takes the batch's shape, then `threads`; per image, x holds H*W*Ci*K values and
+// out/g Ho*Wo*Co*K (pooled: Hp*Wp*Co*K).
 #define KT_SHAPE_ARGS long B, long H, long W, long Ci, long Co, long K, long k, long s, long Ho, long Wo
 #define KT_SHAPE Shape{B, H, W, Ci, Co, K, k, s, Ho, Wo}
 #define KT_EXPORT(T, suffix)                                                                              \
-    extern "C" void kt_conv_forward_##suffix(const T* x, const T* wv, T* out, KT_SHAPE_ARGS) {           \
+    extern "C" void kt_conv_forward_##suffix(const T* x, const T* wv, T* out, KT_SHAPE_ARGS, long threads) { \
         const Shape S = KT_SHAPE;                                                                         \
-        each_image_and_lanes<T>(S, ForwardAll<T>{S, x, wv, out});                                         \
+        split_batch(B, threads, [&](long b0, long b1, long) {                                             \
+            const Shape P = part_of(S, b0, b1);                                                           \
+            each_image_and_lanes<T>(P, ForwardAll<T>{P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0)}); \
+        });                                                                                               \
     }                                                                                                     \
     /* gx must hold zeros (or what the gradient adds to) */                                               \
-    extern "C" void kt_conv_backward_data_##suffix(const T* g, const T* wv, T* gx, KT_SHAPE_ARGS) {      \
+    extern "C" void kt_conv_backward_data_##suffix(const T* g, const T* wv, T* gx, KT_SHAPE_ARGS, long threads) { \
         const Shape S = KT_SHAPE;                                                                         \
-        each_image_and_lanes<T>(S, BackwardDataAll<T>{S, g, wv, gx});                                     \
+        split_batch(B, threads, [&](long b0, long b1, long) {                                             \
+            const Shape P = part_of(S, b0, b1);                                                           \
+            each_image_and_lanes<T>(P, BackwardDataAll<T>{P, g + S.out_at(b0, 0, 0, 0), wv, gx + S.x_at(b0, 0, 0, 0)}); \
+        });                                                                                               \
     }                                                                                                     \
     /* gw must hold zeros (or what the gradient adds to) */                                               \
-    extern "C" void kt_conv_backward_weight_##suffix(const T* x, const T* g, T* gw, KT_SHAPE_ARGS) {     \
+    extern "C" void kt_conv_backward_weight_##suffix(const T* x, const T* g, T* gw, KT_SHAPE_ARGS, long threads) { \
         const Shape S = KT_SHAPE;                                                                         \
-        each_image_and_lanes<T>(S, BackwardWeightAll<T>{S, x, g, gw});                                    \
+        split_summed(B, threads, gw, k * k * Ci * Co * K, [&](long b0, long b1, T* into) {                \
+            const Shape P = part_of(S, b0, b1);                                                           \
+            each_image_and_lanes<T>(P, BackwardWeightAll<T>{P, x + S.x_at(b0, 0, 0, 0), g + S.out_at(b0, 0, 0, 0), into}); \
+        });                                                                                               \
     }                                                                                                     \
     /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward */    \
     extern "C" void kt_conv_pool_forward_##suffix(const T* x, const T* wv, T* out, T* arg, KT_SHAPE_ARGS, \
-                                                  long pk, long ps, long pp, long Hp, long Wp) {          \
-        conv_pool_forward<T>(KT_SHAPE, Pool{pk, ps, pp, Hp, Wp}, x, wv, out, arg);                        \
+                                                  long pk, long ps, long pp, long Hp, long Wp, long threads) { \
+        const Shape S = KT_SHAPE;                                                                         \
+        const long per = Hp * Wp * Co * K;                                                                \
+        split_batch(B, threads, [&](long b0, long b1, long) {                                             \
+            conv_pool_forward<T>(part_of(S, b0, b1), Pool{pk, ps, pp, Hp, Wp}, x + S.x_at(b0, 0, 0, 0),   \
+                                 wv, out + b0 * per, arg + b0 * per);                                     \
+        });                                                                                               \
     }                                                                                                     \
     /* gw must hold zeros (or what the gradient adds to) */                                               \
     extern "C" void kt_conv_pool_backward_weight_##suffix(const T* x, const T* g, const T* arg, T* gw,    \
                                                           KT_SHAPE_ARGS, long pk, long ps, long pp,       \
-                                                          long Hp, long Wp) {                             \
-        conv_pool_backward_weight<T>(KT_SHAPE, Pool{pk, ps, pp, Hp, Wp}, x, g, arg, gw);                  \
+                                                          long Hp, long Wp, long threads) {               \
+        const Shape S = KT_SHAPE;                                                                         \
+        const long per = Hp * Wp * Co * K;                                                                \
+        split_summed(B, threads, gw, k * k * Ci * Co * K, [&](long b0, long b1, T* into) {                \
+            conv_pool_backward_weight<T>(part_of(S, b0, b1), Pool{pk, ps, pp, Hp, Wp}, x + S.x_at(b0, 0, 0, 0), \
+                                         g + b0 * per, arg + b0 * per, into);                             \
+        });                                                                                               \
     }
 
 KT_EXPORT(float, f32)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..blocks import BlockFamily, KTNetwork, fold_members
+from ..blocks.layers import set_interleaved
+from ..blocks.native import use_native
 from ..distributed import all_sum
 from ..pairs.store import PairSet
 from .augment import Part, batch_noise
@@ -37,6 +39,9 @@ class TaskLoss:
     learn the training networks' own begin/last blocks instead of the task. ``grad_leak`` is the small
     block's hidden-ReLU gradient below zero (see ``BottleneckBlock``).
 
+    On a CPU the networks run the native member-interleaved convolutions (``blocks.native``), as
+    generation does: the same function, other float rounding.
+
     Under DistributedDataParallel each rank holds its own pairs' banks; ``pairs_total`` (all ranks'
     pairs) sizes them, and every random draw is made for the whole batch (``part``), so a rank computes
     exactly its rows of what one process would.
@@ -47,6 +52,7 @@ class TaskLoss:
                  pairs_total: Optional[int] = None, bank_bytes: int = BANK_BYTES) -> None:
         self.family, self.device, self.context, self.grad_leak = family, device, context, grad_leak
         self.stride = family.last().stride
+        self.native = use_native("auto", device, family.name, family.native_kernels)
         # The feature banks stay within ``bank_bytes``: fewer images per pair when there are many pairs (2,000
         # pairs of the paper's family still get 360 images each); past MIN_BANK images per pair, no bank:
         # each step computes its pairs' begin-block features for its images (memory: the images only).
@@ -82,16 +88,17 @@ class TaskLoss:
 
     def _base(self, k: int) -> KTNetwork:
         if ("base", k) not in self._nets:
-            self._nets["base", k] = self.family.base_network(k).to(self.device).eval()
+            net = self.family.base_network(k).to(self.device).eval()
+            self._nets["base", k] = set_interleaved(net, self.native)
         return self._nets["base", k]
 
     def _preactivation(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The begin block's pre-activation output of pairs ``idx`` on images ``x``: ``(k, m, C, H, W)``."""
-        k, m, net = len(idx), len(x), self._base(len(idx))
+        k, net = len(idx), self._base(len(idx))
         with torch.no_grad():
             net.begin.load_state_dict(fold_members(self.begin, idx))
             pre = net.begin.preactivation(net.stack_input(x[:, None].expand(-1, k, -1, -1, -1)))  # (m, k*C, H, W)
-        return pre.reshape(m, k, -1, *pre.shape[2:]).transpose(0, 1)
+        return _pairs(pre, k, self.native)
 
     def _teacher(self, idx: torch.Tensor, pre: torch.Tensor,
                  last: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,21 +107,21 @@ class TaskLoss:
         with torch.no_grad():
             net.block.load_state_dict(fold_members({a: b[idx] for a, b in self.large.items()}))
             net.last.load_state_dict(fold_members(last))
-            out = net.block(net.begin.activate(_members(pre)), stride=self.stride)
+            out = net.block(net.begin.activate(_members(pre, self.native)), stride=self.stride)
             logits = net.last(out, subsampled=True).view(m, k, -1).transpose(0, 1)
-        return out.reshape(m, k, -1, *out.shape[2:]).transpose(0, 1), logits
+        return _pairs(out, k, self.native), logits
 
     def _net(self, k: int) -> KTNetwork:
         if k not in self._nets:
             self._nets[k] = KTNetwork(torch.nn.Identity(), self.family.small_block(k), self.family.last(k), k)
-            self._nets[k].to(self.device).eval()
+            set_interleaved(self._nets[k].to(self.device).eval(), self.native)
             if hasattr(self._nets[k].block, "grad_leak"):
                 self._nets[k].block.grad_leak = self.grad_leak
         return self._nets[k]
 
     def _teacher_block(self, k: int) -> torch.nn.Module:
         if -k not in self._nets:  # negative keys: large blocks, positive: small-block networks
-            self._nets[-k] = self.family.large_block(k).to(self.device).eval()
+            self._nets[-k] = set_interleaved(self.family.large_block(k).to(self.device).eval(), self.native)
         return self._nets[-k]
 
     def __call__(self, small: Dict[str, torch.Tensor], idx: torch.Tensor, n_images: int,
@@ -140,11 +147,11 @@ class TaskLoss:
             last = perturb_params(last, self.context, gen, part)
             if large is None:
                 large = {a: b[idx] for a, b in self.large.items()}
-        net, feats, last = self._net(k), _members(self._base(k).begin.activate(pre)), fold_members(last)
+        net, feats, last = self._net(k), _members(self._base(k).begin.activate(pre), self.native), fold_members(last)
         out = functional_call(net.block, fold_members(small), (feats,), {"stride": self.stride})
         student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:
-            target = _members(self.outs[rows])
+            target = _members(self.outs[rows], self.native)
             teacher = self.teacher[rows].transpose(0, 1).reshape(n_images * k, -1)
         else:
             with torch.no_grad():
@@ -158,9 +165,21 @@ class TaskLoss:
         return batch_noise(shape, gen, part).to(self.device)
 
 
-def _members(t: torch.Tensor) -> torch.Tensor:
-    """Per-pair tensors ``(k, n, C, H, W)`` -> a ``k``-member network's layout ``(n, k*C, H, W)``."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1, *t.shape[3:]).contiguous(memory_format=torch.channels_last)
+def _members(t: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Per-pair tensors ``(k, n, C, H, W)`` -> a ``k``-member network's layout ``(n, k*C, H, W)``,
+    channels-last: member major, or ``interleaved`` (channel ``c*k + m``, see ``layers.set_interleaved``)."""
+    k, n, c, h, w = t.shape
+    if interleaved:   # one copy: (n, H, W, C, k) in memory is the interleaved channels-last tensor
+        return t.permute(1, 3, 4, 2, 0).reshape(n, h, w, c * k).permute(0, 3, 1, 2)
+    return t.transpose(0, 1).reshape(n, k * c, h, w).contiguous(memory_format=torch.channels_last)
+
+
+def _pairs(y: torch.Tensor, k: int, interleaved: bool = False) -> torch.Tensor:
+    """A ``k``-member network's activations ``(n, k*C, H, W)`` -> per pair ``(k, n, C, H, W)`` (``_members``' inverse)."""
+    n, kc, h, w = y.shape
+    if interleaved:
+        return y.reshape(n, kc // k, k, h, w).permute(2, 0, 1, 3, 4)
+    return y.reshape(n, k, kc // k, h, w).transpose(0, 1)
 
 
 def perturb_params(state: Dict[str, torch.Tensor], strength: float, gen: torch.Generator,

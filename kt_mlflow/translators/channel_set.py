@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks.native import Dropout
 from ..errors import KTError
 
 
@@ -34,13 +35,17 @@ class EdgeLayer(nn.Module):
     def __init__(self, width: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(4 * width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(4 * width, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, width))
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:  # (B, H, R, C)
         x = self.norm(e)
         row, col = x.mean(2, keepdim=True), x.mean(1, keepdim=True)
-        pooled = [x, row.expand_as(x), col.expand_as(x), x.mean((1, 2), keepdim=True).expand_as(x)]
-        return e + self.mlp(torch.cat(pooled, -1))
+        # The first layer on the concatenation, split by part: each mean goes through its own slice of the
+        # weights once, not once per edge, and is broadcast after (the same function, no (B, H, R, 4C) input).
+        first, act, drop, last = self.mlp
+        w_x, w_row, w_col, w_all = first.weight.split(x.shape[-1], dim=1)
+        z = x @ w_x.T + row @ w_row.T + col @ w_col.T + (row.mean(1, keepdim=True) @ w_all.T + first.bias)
+        return e + last(drop(act(z)))
 
 
 class ChannelSetTranslator(nn.Module):

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..blocks.native import Dropout
+
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout))
 
 
 class MixerLayer(nn.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..blocks.native import Dropout
+
 
 class MLPTranslator(nn.Module):
     """Flatten (T_in*D_in) -> ``depth`` hidden layers of ``width`` -> (T_out, D_out).
@@ -19,7 +21,7 @@ class MLPTranslator(nn.Module):
         self.out_shape = (out_tokens, out_dim)
         layers, d = [], in_tokens * in_dim
         for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.GELU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(d, width), nn.GELU(), Dropout(dropout)]
             d = width
         layers.append(nn.Linear(d, out_tokens * out_dim))
         self.net = nn.Sequential(*layers)
