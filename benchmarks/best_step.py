@@ -18,6 +18,7 @@ the formulations it replaced put back (``--before`` names some of them to put ba
   now runs the native member-interleaved kernels that generation uses;
 - ``dropout``: dropout drew its masks with PyTorch's ``bernoulli_``, where on a CPU it now uses the
   native counter-based mask (``blocks.native.dropout_mask``);
+- ``adam``: Adam's step ran PyTorch's for-each implementation, where it now runs the fused one;
 - ``pool`` (not in the default): the native kernels split the batch on a pool of Python threads, where
   they now run on PyTorch's OpenMP threads.
 
@@ -78,16 +79,18 @@ class _WholeBanks(torch.Tensor):
         return plain[key]
 
 
+_FOREACH = {}
 # What "before" can put back (``--before``); the default is every rewrite of the loop, not "pool".
-REWRITES = ("banks", "write", "edges", "layout", "dropout")
+REWRITES = ("banks", "write", "edges", "layout", "dropout", "adam")
 
 
 @contextmanager
 def before(fit: TranslatorFit, what=REWRITES):
-    """The step with the named formulations put back: ``banks``, ``write``, ``edges``, ``layout`` and
-    ``dropout`` as listed above; ``pool``: the native kernels' threads in a Python pool, not OpenMP."""
+    """The step with the named formulations put back (``REWRITES``, as listed above); ``pool``: the
+    native kernels' threads in a Python pool, not OpenMP."""
     task, lib = fit.groups[0].task, native.library()
     saved = (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, task.native, lib.kt_openmp)
+    opt = fit.opt
     banks = task.pre, task.outs, task.teacher
     if "write" in what:
         ChannelSetTranslator._write = _write_before
@@ -101,12 +104,16 @@ def before(fit: TranslatorFit, what=REWRITES):
         task.native, task._nets = False, {}   # the networks are built again in the grouped layout
     if "pool" in what:
         lib.kt_openmp = lambda: 0
+    if "adam" in what:   # one for-each Adam per fit, kept across rounds (its state is allocated once)
+        fit.opt = _FOREACH.setdefault(id(fit), torch.optim.Adam(fit.net.parameters(), lr=opt.defaults["lr"],
+                                                                weight_decay=opt.defaults["weight_decay"]))
     try:
         yield
     finally:
         ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, native_layout, lib.kt_openmp = saved
         task.pre, task.outs, task.teacher = banks
         task.native, task._nets = native_layout, {}
+        fit.opt = opt
 
 
 def steps_per_s(fit: TranslatorFit, n: int, batch: int, start: int) -> float:

@@ -44,7 +44,10 @@ class EdgeLayer(nn.Module):
         # weights once, not once per edge, and is broadcast after (the same function, no (B, H, R, 4C) input).
         first, act, drop, last = self.mlp
         w_x, w_row, w_col, w_all = first.weight.split(x.shape[-1], dim=1)
-        z = x @ w_x.T + row @ w_row.T + col @ w_col.T + (row.mean(1, keepdim=True) @ w_all.T + first.bias)
+        z = x @ w_x.T
+        z += row @ w_row.T                # in place: no product needs z for its gradient
+        z += col @ w_col.T
+        z += row.mean(1, keepdim=True) @ w_all.T + first.bias
         return e + last(drop(act(z)))
 
 
