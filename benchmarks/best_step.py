@@ -105,8 +105,10 @@ def before(fit: TranslatorFit, what=REWRITES):
     if "pool" in what:
         lib.kt_openmp = lambda: 0
     if "adam" in what:   # one for-each Adam per fit, kept across rounds (its state is allocated once)
-        fit.opt = _FOREACH.setdefault(id(fit), torch.optim.Adam(fit.net.parameters(), lr=opt.defaults["lr"],
-                                                                weight_decay=opt.defaults["weight_decay"]))
+        if id(fit) not in _FOREACH:
+            _FOREACH[id(fit)] = torch.optim.Adam(fit.net.parameters(), lr=opt.defaults["lr"],
+                                                 weight_decay=opt.defaults["weight_decay"])
+        fit.opt = _FOREACH[id(fit)]
     try:
         yield
     finally:
