@@ -29,6 +29,9 @@
 #ifndef KT_IB
 #define KT_IB 3
 #endif
+static_assert(KT_OB >= 1 && KT_OB <= 6, "with_block dispatches output blocks of 1 to 6");
+static_assert(KT_IB >= 1 && KT_IB <= 3, "BackwardWeightAll dispatches input blocks of 1 to 3");
+static_assert(KT_P >= 1, "a forward tile holds at least one position");
 
 namespace {
 
@@ -50,7 +53,7 @@ struct Shape {
     long w_at(long t, long i, long o) const { return ((t * Ci + i) * Co + o) * K; }
 };
 
-// Calls f.template run<N>() with the compile-time block size N = min(n, 6): register tiles of fixed size.
+// Calls f.template run<N>() with the compile-time block size N = min(n, KT_OB): register tiles of fixed size.
 template <typename F>
 inline void with_block(long n, F&& f) {
     switch (std::min<long>(n, KT_OB)) {

@@ -4,9 +4,9 @@ The stacked layers normally keep each member's channels together (``(B, members*
 major) and run grouped convolutions. On a CPU, oneDNN pads each member's few channels (6 here) to a
 16-channel block, so most of its arithmetic is on padding. Interleaving the members instead (channel
 ``c * members + m``; in channels-last memory the member is the innermost axis) lets one SIMD vector
-hold the same channel of 16 networks, and every multiply-add is useful. ``member_conv2d_max_pool``
-also fuses the first block's convolution with its max-pooling, so the batch's full-resolution output
-never exists in memory. ``benchmarks/generate_throughput.py`` times whole pairs with both kinds of
+hold the same channel of 8 (AVX2) or 16 (AVX-512) networks, and every multiply-add is useful.
+``member_conv2d_max_pool`` also fuses the first block's convolution with its max-pooling, so the
+batch's full-resolution output never exists in memory. ``benchmarks/generate_throughput.py`` times whole pairs with both kinds of
 convolution side by side.
 
 The kernels are compiled on first use with the machine's C++ compiler (``$CXX`` or ``g++``, about
