@@ -14,6 +14,14 @@ the formulations it replaced put back (``--before`` names some of them to put ba
 - ``edges``: each channel_set edge layer ran its first linear layer on the concatenation [edge, row mean, column
   mean, grid mean] (B, H, R, 4C), where it now runs each part through its slice of the weights (the
   means once per row, column or grid, not once per edge);
+- ``gather``: the task loss formed its input features in five passes (gather, scale, shift, ReLU,
+  interleave), where on a CPU it now forms them in one (``blocks.native.gather_members``); ``banks``
+  puts this back too (it changes that gather);
+- ``head``: the networks' head ran its eval-mode BN as a pass of its own (forward and backward) and, on
+  interleaved features, copied them into member order before its linear layer, where it now folds the
+  BN into the 1x1 conv and reads the features in place (``blocks.native.member_linear``);
+- ``leak``: the small block's leaky-gradient ReLU was ``relu(x) + (leak - leak.detach())`` (four passes
+  forward, four backward), where it is now one autograd function (one pass each way);
 - ``layout``: the task loss ran the pairs' networks with grouped convolutions (member major), where on a CPU it
   now runs the native member-interleaved kernels that generation uses;
 - ``dropout``: dropout drew its masks with PyTorch's ``bernoulli_``, where on a CPU it now uses the
@@ -35,9 +43,12 @@ import time
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from synthetic import random_stack  # benchmarks/synthetic.py (scripts run from their folder)
 
-from kt_mlflow.blocks import create_family, native
+from kt_mlflow.blocks import create_family, native, resnet
+from kt_mlflow.blocks.layers import channels_last_grad, subsample
+from kt_mlflow.blocks.resnet import LastBlock
 from kt_mlflow.config import TrainConfig
 from kt_mlflow.data import load_for
 from kt_mlflow.pairs.store import PairSet
@@ -79,9 +90,30 @@ class _WholeBanks(torch.Tensor):
         return plain[key]
 
 
+def _gather_before(bank, rows, pick, scale=None, shift=None, relu=False):
+    x = bank[rows[:, None], pick[None, :]]
+    if scale is not None:
+        x = x * scale[:, None, :, None, None] + shift[:, None, :, None, None]
+    return task_loss._members(torch.relu(x) if relu else x, True)
+
+
+def _head_before(self, x, subsampled=False):
+    if not subsampled:
+        x = subsample(x, self.stride)
+    x = channels_last_grad(F.relu(self.bn(self.conv(x)), inplace=True))
+    if self.conv.interleaved:
+        x = x.unflatten(1, (-1, self.members)).transpose(1, 2)
+    return self.fc(x.reshape(x.shape[0], -1))
+
+
+def _leak_before(x, slope):
+    leak = slope * x.clamp(max=0)
+    return F.relu(x) + (leak - leak.detach())
+
+
 _FOREACH = {}
 # What "before" can put back (``--before``); the default is every rewrite of the loop, not "pool".
-REWRITES = ("banks", "write", "edges", "layout", "dropout", "adam")
+REWRITES = ("banks", "gather", "write", "edges", "head", "leak", "layout", "dropout", "adam")
 
 
 @contextmanager
@@ -89,9 +121,16 @@ def before(fit: TranslatorFit, what=REWRITES):
     """The step with the named formulations put back (``REWRITES``, as listed above); ``pool``: the
     native kernels' threads in a Python pool, not OpenMP."""
     task, lib = fit.groups[0].task, native.library()
-    saved = (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, task.native, lib.kt_openmp)
+    saved = (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, task.native, lib.kt_openmp,
+             LastBlock.forward, resnet.relu_leaky_grad)
     opt = fit.opt
     banks = task.pre, task.outs, task.teacher
+    if "gather" in what or "banks" in what:
+        task_loss.gather_members = _gather_before
+    if "head" in what:
+        LastBlock.forward = _head_before
+    if "leak" in what:
+        resnet.relu_leaky_grad = _leak_before
     if "write" in what:
         ChannelSetTranslator._write = _write_before
     if "edges" in what:
@@ -112,8 +151,10 @@ def before(fit: TranslatorFit, what=REWRITES):
     try:
         yield
     finally:
-        ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, native_layout, lib.kt_openmp = saved
+        (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, native_layout, lib.kt_openmp,
+         LastBlock.forward, resnet.relu_leaky_grad) = saved
         task.pre, task.outs, task.teacher = banks
+        task_loss.gather_members = native.gather_members
         task.native, task._nets = native_layout, {}
         fit.opt = opt
 

@@ -68,6 +68,58 @@ def test_begin_block_bn_shortcuts_are_exact(members):
     torch.testing.assert_close(fast(x), _textbook_begin(ref, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_last_block_equals_the_textbook_head(interleaved, training):
+    """The head with its eval-mode BN folded into the 1x1 conv (and, interleaved, the linear layer
+    reading the features in place) equals conv -> BN -> ReLU -> flatten -> Linear with the ordinary
+    modules, member by member (float64): outputs, and gradients of the input and every parameter."""
+    from kt_mlflow.blocks.layers import set_interleaved
+    from kt_mlflow.blocks.native import available, interleave
+    from kt_mlflow.blocks.resnet import LastBlock
+
+    if interleaved and not available():
+        pytest.fail("the native kernels did not build on this machine (a C++ compiler is needed)")
+    torch.manual_seed(0)
+    k, c, wide, side = 3, 4, 5, 8
+    head = LastBlock(c, wide, side, 10, members=k).double()
+    with torch.no_grad():
+        head.bn.weight.uniform_(-1.5, 1.5)
+        head.bn.bias.normal_()
+        head.bn.running_mean.normal_()
+        head.bn.running_var.uniform_(0.5, 2.0)
+    head = set_interleaved(head, interleaved).train(training)
+    x = torch.randn(6, k * c, side, side, dtype=torch.float64)
+    xin = (interleave(x, k) if interleaved else x).requires_grad_()
+    out = head(xin)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [xin, *head.parameters()], g)
+    for m in range(k):
+        conv = torch.nn.Conv2d(c, wide, 1, stride=2, bias=False).double()
+        bn, fc = torch.nn.BatchNorm2d(wide).double().train(training), torch.nn.Linear(wide * 16, 10).double()
+        rows = slice(m * wide, (m + 1) * wide)
+        with torch.no_grad():
+            conv.weight.copy_(head.conv.weight[rows])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(head.bn, name)[rows])
+            fc.weight.copy_(head.fc.weight[m * 10:(m + 1) * 10])
+            fc.bias.copy_(head.fc.bias[m * 10:(m + 1) * 10])
+        xm = x[:, m * c:(m + 1) * c].clone().requires_grad_()
+        want = fc(torch.relu(bn(conv(xm))).flatten(1))
+        torch.testing.assert_close(out[:, m * 10:(m + 1) * 10], want, rtol=1e-10, atol=1e-10)
+        gm = g[:, m * 10:(m + 1) * 10]
+        gx, gconv, gbn_w, gbn_b, gfc_w, gfc_b = torch.autograd.grad(
+            want, [xm, conv.weight, bn.weight, bn.bias, fc.weight, fc.bias], gm)
+        got_x = grads[0][:, m::k] if interleaved else grads[0][:, m * c:(m + 1) * c]
+        torch.testing.assert_close(got_x, gx, rtol=1e-10, atol=1e-10)
+        params = dict(zip([n for n, _ in head.named_parameters()], grads[1:]))
+        torch.testing.assert_close(params["conv.weight"][rows], gconv, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(params["bn.weight"][rows], gbn_w, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(params["bn.bias"][rows], gbn_b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(params["fc.weight"][m * 10:(m + 1) * 10], gfc_w, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(params["fc.bias"][m * 10:(m + 1) * 10], gfc_b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("which", ["base", "compressed"])
 @pytest.mark.parametrize("training", [True, False])
 def test_network_computes_only_the_positions_the_last_block_reads(which, training):
@@ -243,6 +295,14 @@ def test_small_block_grad_leak_changes_gradients_only():
     y.sum().backward()
     torch.testing.assert_close(y, torch.relu(z))
     torch.testing.assert_close(z.grad, torch.tensor([0.1, 0.1, 1.0, 1.0], dtype=torch.float64))
+    # the same bits as the two-term textbook form, zeros included (gradient ``slope`` at 0)
+    z = torch.randn(64, dtype=torch.float32).mul(3).round().div(3).requires_grad_()
+    g = torch.randn(64)
+    leak = 0.05 * z.clamp(max=0)
+    plain = torch.relu(z) + (leak - leak.detach())
+    (want,) = torch.autograd.grad(plain, z, g)
+    (got,) = torch.autograd.grad(relu_leaky_grad(z, 0.05), z, g)
+    assert torch.equal(relu_leaky_grad(z, 0.05), plain) and torch.equal(got, want) and bool((z == 0).any())
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -129,6 +129,52 @@ def test_dropout_masks_keep_the_asked_share_reproducibly():
     assert native.Dropout(0.3).train()(x.double()).dtype == torch.float64   # other types: PyTorch's dropout
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [False, True])
+def test_gather_members_is_the_gather_affine_relu_and_interleave_it_replaces(dtype, affine):
+    """One pass equals the five it replaces: bank entries (rows, picks), per-member scale and shift,
+    ReLU, interleaved channels-last layout; repeated rows and picks allowed, bad ones refused."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(6, 9, 5, 7, 7, generator=g, dtype=dtype)
+    rows, pick = torch.tensor([5, 0, 5, 2]), torch.tensor([8, 1, 1, 3, 0])
+    scale = torch.rand(4, 5, generator=g, dtype=dtype) + 0.5 if affine else None
+    shift = torch.randn(4, 5, generator=g, dtype=dtype) if affine else None
+    for relu in (False, True):
+        want = bank[rows[:, None], pick[None, :]]                                   # (k, n, C, H, W)
+        if affine:
+            want = want * scale[:, None, :, None, None] + shift[:, None, :, None, None]
+        want = torch.relu(want) if relu else want
+        want = interleave(want.transpose(0, 1).reshape(5, 4 * 5, 7, 7), 4)
+        got = native.gather_members(bank, rows, pick, scale, shift, relu)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-15)
+        assert relu is False or bool((got >= 0).all())
+    with pytest.raises(KTError, match="rows must lie in"):
+        native.gather_members(bank, torch.tensor([6]), pick)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_member_linear_equals_stacked_linear_after_a_flatten(members):
+    """The head read in place (1x1 member conv of one position) equals ``StackedLinear`` on the
+    member-major flattened features, in float64: values, weight and input gradients; the input
+    gradient comes back channels-last."""
+    from kt_mlflow.blocks.layers import StackedLinear
+
+    torch.manual_seed(0)
+    c, h, w, out, b = 4, 3, 5, 7, 6
+    lin = StackedLinear(c * h * w, out, members).double()
+    x = torch.randn(b, members * c, h, w, dtype=torch.float64, requires_grad=True)     # member major
+    xi = interleave(x.detach(), members).requires_grad_()
+    want, got = lin(x.reshape(b, -1)), lin.on_interleaved(xi)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    grad = torch.randn_like(want)
+    gw_want, gx_want = torch.autograd.grad(want, [lin.weight, x], grad)
+    gw_got, gx_got = torch.autograd.grad(got, [lin.weight, xi], grad)
+    torch.testing.assert_close(gw_got, gw_want, rtol=0, atol=1e-13)
+    torch.testing.assert_close(deinterleave(gx_got, members), gx_want, rtol=0, atol=1e-13)
+    assert gx_got.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_interleave_round_trip_and_order():
     x = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float32).view(2, 3 * 4, 2, 2)  # 3 members, 4 channels
     y = interleave(x, 3)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import member_conv2d, member_order, stacked_order
+from .native import member_conv2d, member_linear, member_order, stacked_order
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -198,6 +198,11 @@ class StackedLinear(nn.Module):
         bound = 1.0 / math.sqrt(cin)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
+
+    def on_interleaved(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of member-interleaved channels-last features ``(B, C*members, H, W)``, each
+        member's flattened in ``(C, H, W)`` order (``native.member_linear``: no transposed copy)."""
+        return member_linear(x, self.weight, self.members) + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

@@ -324,6 +324,29 @@ void split_summed(long B, long threads, T* sum, long n, F&& part) {
 
 inline Shape part_of(Shape S, long b0, long b1) { S.B = b1 - b0; return S; }
 
+// Bank entries in a member-interleaved network's layout, in one pass (the task loss's input features):
+//   out[n][p][c][m] = f(bank[rows[m]][pick[n]][c][p] * scale[m][c] + shift[m][c])
+// bank (R, Bk, C, HW), out (N, HW, C, K), scale and shift (K, C) or null (1 and 0), f: ReLU or identity.
+template <typename T>
+void gather_members(const T* bank, long Bk, long C, long HW, const long* rows, long K, const long* pick,
+                    const T* scale, const T* shift, bool relu, T* out, long n0, long n1) {
+    for (long n = n0; n < n1; ++n) {
+        T* o = out + n * HW * C * K;
+        for (long m = 0; m < K; ++m) {
+            const T* src = bank + (rows[m] * Bk + pick[n]) * C * HW;
+            for (long c = 0; c < C; ++c) {
+                const T a = scale ? scale[m * C + c] : T(1), b = shift ? shift[m * C + c] : T(0);
+                const T* s = src + c * HW;
+                T* d = o + c * K + m;
+                if (relu)
+                    for (long p = 0; p < HW; ++p) d[p * C * K] = std::max(s[p] * a + b, T(0));
+                else
+                    for (long p = 0; p < HW; ++p) d[p * C * K] = s[p] * a + b;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 // Dropout's mask: out[i] = scale where a hash of (seed, i) falls below `keep` (out of 2^24), else 0.
@@ -403,3 +426,17 @@ extern "C" int kt_openmp() {
 
 KT_EXPORT(float, f32)
 KT_EXPORT(double, f64)
+
+// Entries (rows[m], pick[n]) of a per-pair bank (R, Bk, C, HW) as a K-member interleaved input
+// (N, HW, C, K), each scaled and shifted per member and channel (scale, shift (K, C) or null) and
+// optionally ReLU'd, in one pass; parts of the N images on the threads.
+#define KT_GATHER(T, suffix)                                                                              \
+    extern "C" void kt_gather_members_##suffix(const T* bank, const long* rows, const long* pick,         \
+                                               const T* scale, const T* shift, T* out, long Bk, long C,    \
+                                               long HW, long K, long N, long relu, long threads) {         \
+        split_batch(N, threads, [&](long n0, long n1, long) {                                             \
+            gather_members<T>(bank, Bk, C, HW, rows, K, pick, scale, shift, relu != 0, out, n0, n1);      \
+        });                                                                                               \
+    }
+KT_GATHER(float, f32)
+KT_GATHER(double, f64)

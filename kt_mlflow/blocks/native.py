@@ -121,6 +121,9 @@ def library() -> Optional[ctypes.CDLL]:
             fn = getattr(lib, f"kt_conv_{name}_{suffix}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs   # shape..., threads
+        gather = getattr(lib, f"kt_gather_members_{suffix}")
+        gather.restype = None
+        gather.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7
     lib.kt_openmp.restype = ctypes.c_int
     lib.kt_dropout_mask_f32.restype = None
     lib.kt_dropout_mask_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float,
@@ -289,12 +292,58 @@ def member_conv2d(x: torch.Tensor, weight: torch.Tensor, members: int, stride: i
     return _MemberConv.apply(x, _lanes(weight, members), weight.shape[-1], stride)
 
 
+def member_linear(x: torch.Tensor, weight: torch.Tensor, members: int) -> torch.Tensor:
+    """``members`` bias-free linear maps of interleaved channels-last features ``(B, C*members, H, W)``,
+    each reading its member's features in ``(C, H, W)`` order, as ``nn.Linear`` after a flatten does:
+    ``weight`` ``(members*Co, C*H*W)`` member major; output ``(B, members*Co)`` member major.
+
+    It is the 1x1 member conv of a single position with ``H*W*C`` input channels, which reads the
+    features where they lie: no transposed copy of them forward or backward, and the input gradient
+    comes back channels-last, as the layers before want it.
+    """
+    b, ck, h, w = x.shape
+    c, co = ck // members, weight.shape[0] // members
+    flat = x.permute(0, 2, 3, 1).reshape(b, h * w * ck, 1, 1)   # a view of channels-last x
+    wt = weight.view(members * co, c, h, w).permute(0, 2, 3, 1).reshape(members * co, h * w * c, 1, 1)
+    y = member_conv2d(flat, wt, members)                          # (B, Co*members, 1, 1) interleaved
+    return y.view(b, co, members).transpose(1, 2).reshape(b, members * co)
+
+
 def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,
                            pool: Tuple[int, int, int] = (3, 2, 1)) -> torch.Tensor:
     """``max_pool2d(member_conv2d(x, weight, members), *pool)`` without the full-resolution tensor in
     memory (``pool`` = kernel, stride, padding). Gradients reach ``weight`` only, not ``x``."""
     _check(x)
     return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool))
+
+
+def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                   shift: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """Entries ``bank[rows[m], pick[n]]`` of a per-pair bank ``(R, Bk, C, H, W)`` as the interleaved,
+    channels-last input ``(N, C*K, H, W)`` of a ``K = len(rows)``-member network, each value ``v * scale
+    + shift`` (per member and channel, ``(K, C)``) and ReLU'd if ``relu``: in one pass, where a gather, a
+    multiply, an add, a ReLU and a layout copy make five. No gradient flows through it.
+
+    Example:
+        >>> bank = torch.randn(5, 4, 2, 3, 3)
+        >>> out = gather_members(bank, torch.tensor([4, 0]), torch.tensor([1, 2, 3]))
+        >>> torch.equal(out[:, 0::2], bank[4, 1:]) and torch.equal(out[:, 1::2], bank[0, 1:])
+        True
+    """
+    r, b, c, h, w = bank.shape
+    k, n = len(rows), len(pick)
+    if bank.dtype not in _SUFFIX or bank.device.type != "cpu":
+        raise KTError(f"gather_members takes float32 or float64 CPU banks, got {bank.dtype} on {bank.device}.")
+    bank, rows, pick = bank.contiguous(), rows.to(torch.long).contiguous(), pick.to(torch.long).contiguous()
+    if k and n and not (0 <= int(rows.min()) and int(rows.max()) < r and 0 <= int(pick.min()) and int(pick.max()) < b):
+        raise KTError(f"gather_members: rows must lie in [0, {r}) and picks in [0, {b}).")
+    affine = [None if v is None else v.to(bank.dtype).expand(k, c).contiguous() for v in (scale, shift)]
+    out = torch.empty((n, h, w, c, k), dtype=bank.dtype)
+    threads = max(1, min(torch.get_num_threads(), n))
+    getattr(library(), f"kt_gather_members_{_SUFFIX[bank.dtype]}")(
+        bank.data_ptr(), rows.data_ptr(), pick.data_ptr(), *(0 if v is None else v.data_ptr() for v in affine),
+        out.data_ptr(), b, c, h * w, k, n, int(relu), threads)
+    return out.view(n, h, w, c * k).permute(0, 3, 1, 2)
 
 
 def dropout_mask(shape: Sequence[int], p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

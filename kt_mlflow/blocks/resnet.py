@@ -96,10 +96,24 @@ class BeginBlock(nn.Module):
         return torch.cat(s1).double(), torch.cat(s2).double()
 
 
+class _ReluLeakyGrad(torch.autograd.Function):
+    """One pass forward, where ``relu(x) + (leak - leak.detach())`` took four (and four backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slope: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return F.relu(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return torch.where(x > 0, g, torch.where(x < 0, g * ctx.slope, 0.0)), None
+
+
 def relu_leaky_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
-    """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0`` (1 where ``x > 0``)."""
-    leak = slope * x.clamp(max=0)
-    return F.relu(x) + (leak - leak.detach())
+    """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0``, 1 where ``x > 0`` (0 at 0)."""
+    return _ReluLeakyGrad.apply(x, slope)
 
 
 class BasicBlock(TwoLayerBlock):
@@ -185,10 +199,21 @@ class LastBlock(nn.Module):
         """``subsampled``: ``x`` holds only every stride-th position already (see ``KTNetwork.forward``)."""
         if not subsampled:
             x = subsample(x, self.stride)
-        x = channels_last_grad(F.relu(self.bn(self.conv(x)), inplace=True))
-        if self.conv.interleaved:  # the head reads each member's features in (C, H, W) order
-            x = x.unflatten(1, (-1, self.members)).transpose(1, 2)
-        return self.fc(x.reshape(x.shape[0], -1))
+        x = F.relu(self._conv_bn(x), inplace=True)
+        if self.conv.interleaved:  # each member's features in (C, H, W) order, read in place
+            return self.fc.on_interleaved(x)
+        return self.fc(channels_last_grad(x).reshape(x.shape[0], -1))
+
+
+    def _conv_bn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training:
+            return self.bn(self.conv(x))
+        # Eval-mode BN is a per-channel affine map: its scale folds into the 1x1 conv, its shift is added
+        # after (one pass instead of BN's pass forward and another backward).
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.channels(bn.bias - bn.running_mean * scale)
+        return self.conv.run(x, self.conv.weight * scale[:, None, None, None]) + shift[:, None, None]
 
 
 class KTNetwork(nn.Module):

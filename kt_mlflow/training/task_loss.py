@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from ..blocks import BlockFamily, KTNetwork, fold_members
 from ..blocks.layers import set_interleaved
-from ..blocks.native import use_native
+from ..blocks.native import gather_members, use_native
 from ..distributed import all_sum
 from ..pairs.store import PairSet
 from .augment import Part, batch_noise
@@ -82,7 +82,8 @@ class TaskLoss:
                     teacher.append(logits)
         self.pre_std = torch.cat(stds)                                                  # (P, C)
         if self.banked:
-            self.pre, self.outs, self.teacher = torch.cat(pres), torch.cat(outs), torch.cat(teacher)
+            # contiguous: a step gathers its entries in place (``gather_members``), never copying a bank
+            self.pre, self.outs, self.teacher = (torch.cat(t).contiguous() for t in (pres, outs, teacher))
         square_sum, count = all_sum([square_sum, float(count)])
         self.out_scale = max(square_sum / count, 1e-12)                               # over every rank's pairs
 
@@ -134,25 +135,23 @@ class TaskLoss:
         """
         k = len(idx)
         pick = torch.randint(len(self.x), (n_images,), generator=gen).to(self.device)
-        rows = (idx[:, None], pick[None, :])   # gather the k x n bank entries, not k whole banks
-        pre = self.pre[rows] if self.banked else self._preactivation(idx, self.x[pick])  # (k, n, C, H, W)
         last = {a: b[idx] for a, b in self.last.items()}
         if large is None and not self.banked:   # no stored teacher: the pairs' own, computed now
             large = {a: b[idx] for a, b in self.large.items()}
+        scale = shift = None
         if self.context > 0:
-            c = pre.shape[2]
-            scale = (1 + self.context * self._noise((k, 1, c, 1, 1), gen, part)).clamp_min(0.1)
-            shift = self.context * self._noise((k, 1, c, 1, 1), gen, part) * self.pre_std[idx][:, None, :, None, None]
-            pre = pre * scale + shift
+            c = self.pre_std.shape[1]
+            scale = (1 + self.context * self._noise((k, c), gen, part)).clamp_min(0.1)
+            shift = self.context * self._noise((k, c), gen, part) * self.pre_std[idx]
             last = perturb_params(last, self.context, gen, part)
             if large is None:
                 large = {a: b[idx] for a, b in self.large.items()}
-        net, feats, last = self._net(k), _members(self._base(k).begin.activate(pre), self.native), fold_members(last)
+        net, feats, last = self._net(k), self._features(idx, pick, scale, shift), fold_members(last)
         out = functional_call(net.block, fold_members(small), (feats,), {"stride": self.stride})
         student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:
-            target = _members(self.outs[rows], self.native)
-            teacher = self.teacher[rows].transpose(0, 1).reshape(n_images * k, -1)
+            target = self._gathered(self.outs, idx, pick)
+            teacher = self.teacher[idx[:, None], pick[None, :]].transpose(0, 1).reshape(n_images * k, -1)
         else:
             with torch.no_grad():
                 target = functional_call(self._teacher_block(k), fold_members(large), (feats,), {"stride": self.stride})
@@ -160,6 +159,23 @@ class TaskLoss:
         kl = F.kl_div(F.log_softmax(student.view(n_images * k, -1), -1), F.log_softmax(teacher, -1),
                       log_target=True, reduction="batchmean")
         return kl, F.mse_loss(out, target) / self.out_scale
+
+    def _features(self, idx: torch.Tensor, pick: torch.Tensor, scale: Optional[torch.Tensor],
+                  shift: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's input for images ``pick`` of pairs ``idx``, in the networks' layout: the begin
+        block's output, its BN affine perturbed by ``scale``/``shift`` ``(k, C)`` (or not: None)."""
+        if self.banked and self.native:   # the conv families' begin block: ReLU (BeginBlock.activate)
+            return gather_members(self.pre, idx, pick, scale, shift, relu=True)
+        pre = self.pre[idx[:, None], pick[None, :]] if self.banked else self._preactivation(idx, self.x[pick])
+        if scale is not None:
+            pre = pre * scale[:, None, :, None, None] + shift[:, None, :, None, None]
+        return _members(self._base(len(idx)).begin.activate(pre), self.native)
+
+    def _gathered(self, bank: torch.Tensor, idx: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        """Bank entries of pairs ``idx`` for images ``pick`` in the networks' layout (k x n entries, not k banks)."""
+        if self.native:
+            return gather_members(bank, idx, pick)
+        return _members(bank[idx[:, None], pick[None, :]], self.native)
 
     def _noise(self, shape: Tuple[int, ...], gen: torch.Generator, part: Part) -> torch.Tensor:
         return batch_noise(shape, gen, part).to(self.device)

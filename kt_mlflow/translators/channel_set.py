@@ -166,5 +166,6 @@ class ChoiceGelu(torch.autograd.Function):
             d_choice[sl] = torch.einsum("bmrf,bmhrf->bmh", g, F.gelu(z))
             dz = torch.ops.aten.gelu_backward(choice[sl, :, :, None, None] * g[:, :, None], z)
             torch.sum(dz, 1, out=d_edge[sl])
-            d_query += dz.sum((0, 2, 3))
+            # pairs first, then positions: each sum over contiguous rows (one sum over (0, 2, 3) took 20x longer)
+            d_query += dz.sum(0).flatten(1, 2).sum(1)
         return d_edge, d_query, d_choice
