@@ -204,7 +204,6 @@ class LastBlock(nn.Module):
             return self.fc.on_interleaved(x)
         return self.fc(channels_last_grad(x).reshape(x.shape[0], -1))
 
-
     def _conv_bn(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn.training:
             return self.bn(self.conv(x))
