@@ -153,6 +153,34 @@ def test_gather_members_is_the_gather_affine_relu_and_interleave_it_replaces(dty
         native.gather_members(bank, torch.tensor([6]), pick)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_norm_relu_equals_batch_norm_then_relu(threads):
+    """The fused training-mode BN + ReLU equals ``F.batch_norm`` then ``F.relu`` in float64: output,
+    batch statistics, and the gradients of the input, weight and bias (negative scales included, so
+    the ReLU mask is not the input's sign); at one and two threads."""
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z = (torch.randn(7, 10, 9, 9, dtype=torch.float64) * 2 + 0.7).contiguous(memory_format=torch.channels_last)
+        w, b = torch.rand(10, dtype=torch.float64) * 3 - 1.5, torch.randn(10, dtype=torch.float64)
+        z1, w1, b1 = (t.clone().requires_grad_() for t in (z, w, b))
+        y, mean, var = native.batch_norm_relu(z1, w1, b1, 1e-5)
+        rm, rv = torch.zeros(10, dtype=torch.float64), torch.ones(10, dtype=torch.float64)
+        z2, w2, b2 = (t.clone().requires_grad_() for t in (z, w, b))
+        ref = F.relu(F.batch_norm(z2, rm, rv, w2, b2, True, 1.0, 1e-5))
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(mean, rm, rtol=0, atol=1e-12)
+        n = z.numel() // 10
+        torch.testing.assert_close(var * n / (n - 1), rv, rtol=0, atol=1e-12)   # rv: the unbiased one
+        assert 0 < float((y == 0).double().mean()) < 1
+        g = torch.randn_like(ref)
+        for got, want in zip(torch.autograd.grad(y, [z1, w1, b1], g), torch.autograd.grad(ref, [z2, w2, b2], g)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("members", [1, 3])
 def test_member_linear_equals_stacked_linear_after_a_flatten(members):
     """The head read in place (1x1 member conv of one position) equals ``StackedLinear`` on the

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import member_conv2d, member_linear, member_order, stacked_order
+from .native import batch_norm_relu, batch_stats, member_conv2d, member_linear, member_order, stacked_order
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -76,10 +76,13 @@ class _StridedBatchNorm(torch.autograd.Function):
     (one pass), plus ``w / sd * g`` on them. Returns (output, batch mean, biased batch variance)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int, eps: float):
-        # BN's own statistics kernel (var_mean over the same positions is 13x slower on channels-last z)
-        _, mean, invstd = torch.native_batch_norm(z, None, None, None, None, True, 0.0, eps)
-        var = invstd.pow(-2) - eps
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int, eps: float, native: bool):
+        if native:   # one pass of sums (BN's kernel also writes the whole normalised tensor, unused here)
+            mean, var = batch_stats(z)
+            invstd = torch.rsqrt(var + eps)
+        else:        # BN's own statistics kernel (var_mean over the same positions is 13x slower on channels-last z)
+            _, mean, invstd = torch.native_batch_norm(z, None, None, None, None, True, 0.0, eps)
+            var = invstd.pow(-2) - eps
         scale = weight * invstd
         y = z[:, :, ::s, ::s] * scale[:, None, None] + (bias - mean * scale)[:, None, None]
         ctx.save_for_backward(z, weight, mean, invstd)
@@ -98,7 +101,7 @@ class _StridedBatchNorm(torch.autograd.Function):
         c = -gain * d_bias / n - a * mean
         dz = torch.addcmul(c[:, None, None], z, a[:, None, None])       # channels-last like z
         dz[:, :, ::s, ::s] += grad * gain[:, None, None]
-        return dz, d_weight, d_bias, None, None
+        return dz, d_weight, d_bias, None, None, None
 
 
 class StackedConv2d(nn.Conv2d):
@@ -148,13 +151,23 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(stacked_order(var, self.members))
         return y
 
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x))``; in training on interleaved activations, BN and ReLU as one native op
+        (``native.batch_norm_relu``: two passes each way instead of seven), running statistics as here."""
+        if not (self.training and self.interleaved and x.dim() == 4 and self.track_running_stats):
+            return F.relu(self(x), inplace=True)
+        y, mean, var = batch_norm_relu(x, self.channels(self.weight), self.channels(self.bias), self.eps)
+        self.track(stacked_order(mean, self.members), stacked_order(var, self.members), x.numel() // x.shape[1])
+        return y
+
     def strided(self, x: torch.Tensor, s: int) -> torch.Tensor:
         """``self(x)[:, :, ::s, ::s]`` in training mode (batch statistics over every position, running
         statistics updated as ``nn.BatchNorm2d`` does), normalising only the positions returned."""
         if not self.training or s == 1 or x.dim() != 4:
             return self(x)[:, :, ::s, ::s]
         y, mean, var = _StridedBatchNorm.apply(x.contiguous(memory_format=torch.channels_last),
-                                               self.channels(self.weight), self.channels(self.bias), s, self.eps)
+                                               self.channels(self.weight), self.channels(self.bias), s, self.eps,
+                                               self.interleaved)
         if self.interleaved:
             mean, var = stacked_order(mean, self.members), stacked_order(var, self.members)
         self.track(mean, var, x.numel() // x.shape[1])

@@ -347,6 +347,48 @@ void gather_members(const T* bank, long Bk, long C, long HW, const long* rows, l
     }
 }
 
+
+// Training-mode BatchNorm + ReLU over a channels-last tensor of N positions x C channels, in two passes
+// each way where BN, ReLU and their backward passes take seven: the statistics' sums in one pass
+// (double accumulators), then the affine map and ReLU in one; backward, the sums over the ReLU-masked
+// gradient in one pass, then the input gradient (an affine map of g and z per channel) in one.
+template <typename T>
+void bn_sums(const T* __restrict z, const T* __restrict g, const T* __restrict scale, const T* __restrict shift,
+             long n0, long n1, long C, double* __restrict s1, double* __restrict s2) {
+    for (long n = n0; n < n1; ++n) {
+        const T* zr = z + n * C;
+        if (g == nullptr) {   // forward: sum z, sum z^2
+            for (long c = 0; c < C; ++c) { const double v = zr[c]; s1[c] += v; s2[c] += v * v; }
+        } else {              // backward: sum gm, sum gm * z, gm = g where the output is positive
+            const T* gr = g + n * C;
+            for (long c = 0; c < C; ++c) {   // restrict pointers and the mask as a factor: vectorised
+                const T gm = gr[c] * T(zr[c] * scale[c] + shift[c] > T(0));
+                s1[c] += double(gm); s2[c] += double(gm) * double(zr[c]);
+            }
+        }
+    }
+}
+
+// forward (g null): out = max(z * a + b, 0); backward: out = [z * scale + shift > 0] g * a + z * b + c
+template <typename T>
+void bn_apply(const T* __restrict z, const T* __restrict g, const T* __restrict scale, const T* __restrict shift,
+              const T* __restrict a, const T* __restrict b, const T* __restrict c, long n0, long n1, long C,
+              T* __restrict out) {
+    for (long n = n0; n < n1; ++n) {
+        const T* zr = z + n * C;
+        T* o = out + n * C;
+        if (g == nullptr) {
+            for (long j = 0; j < C; ++j) o[j] = std::max(zr[j] * a[j] + b[j], T(0));
+        } else {
+            const T* gr = g + n * C;
+            for (long j = 0; j < C; ++j) {
+                const T gm = gr[j] * T(zr[j] * scale[j] + shift[j] > T(0));
+                o[j] = gm * a[j] + zr[j] * b[j] + c[j];
+            }
+        }
+    }
+}
+
 }  // namespace
 
 // Dropout's mask: out[i] = scale where a hash of (seed, i) falls below `keep` (out of 2^24), else 0.
@@ -440,3 +482,26 @@ KT_EXPORT(double, f64)
     }
 KT_GATHER(float, f32)
 KT_GATHER(double, f64)
+
+// BatchNorm + ReLU (see bn_sums / bn_apply): the sums into s1, s2 (C doubles each, zeroed here), split
+// over the positions on the threads (each part into its own zeroed copy, added in order after).
+#define KT_BN(T, suffix)                                                                                  \
+    extern "C" void kt_bn_sums_##suffix(const T* z, const T* g, const T* scale, const T* shift, double* s1, \
+                                        double* s2, long N, long C, long threads) {                        \
+        double* part = new double[2 * C * threads]();                                                     \
+        split_batch(N, threads, [&](long n0, long n1, long t) {                                           \
+            bn_sums<T>(z, g, scale, shift, n0, n1, C, part + 2 * C * t, part + 2 * C * t + C);             \
+        });                                                                                               \
+        for (long j = 0; j < C; ++j) { s1[j] = 0; s2[j] = 0; }                                            \
+        for (long t = 0; t < threads; ++t)                                                                \
+            for (long j = 0; j < C; ++j) { s1[j] += part[2 * C * t + j]; s2[j] += part[2 * C * t + C + j]; } \
+        delete[] part;                                                                                    \
+    }                                                                                                     \
+    extern "C" void kt_bn_apply_##suffix(const T* z, const T* g, const T* scale, const T* shift, const T* a, \
+                                         const T* b, const T* c, T* out, long N, long C, long threads) {  \
+        split_batch(N, threads, [&](long n0, long n1, long) {                                             \
+            bn_apply<T>(z, g, scale, shift, a, b, c, n0, n1, C, out);                                     \
+        });                                                                                               \
+    }
+KT_BN(float, f32)
+KT_BN(double, f64)

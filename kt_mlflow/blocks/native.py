@@ -124,6 +124,10 @@ def library() -> Optional[ctypes.CDLL]:
         gather = getattr(lib, f"kt_gather_members_{suffix}")
         gather.restype = None
         gather.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7
+        for name, pointers, longs in (("bn_sums", 6, 3), ("bn_apply", 8, 3)):
+            fn = getattr(lib, f"kt_{name}_{suffix}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs
     lib.kt_openmp.restype = ctypes.c_int
     lib.kt_dropout_mask_f32.restype = None
     lib.kt_dropout_mask_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float,
@@ -315,6 +319,73 @@ def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,
     memory (``pool`` = kernel, stride, padding). Gradients reach ``weight`` only, not ``x``."""
     _check(x)
     return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool))
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _bn_call(name: str, z: torch.Tensor, *tensors: Optional[torch.Tensor]) -> None:
+    n, c = z.numel() // z.shape[1], z.shape[1]
+    threads = max(1, min(torch.get_num_threads(), n // 4096))
+    getattr(library(), f"kt_{name}_{_SUFFIX[z.dtype]}")(*(_ptr(t) for t in (z, *tensors)), n, c, threads)
+
+
+def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of channels-last ``(B, C, H, W)``, in one pass (double
+    sums), in ``z``'s dtype; no gradient."""
+    _check(z)
+    z = z.detach().contiguous(memory_format=torch.channels_last)
+    c, count = z.shape[1], z.numel() // z.shape[1]
+    s1, s2 = (torch.empty(c, dtype=torch.float64) for _ in range(2))
+    _bn_call("bn_sums", z, None, None, None, s1, s2)
+    mean = s1 / count
+    return mean.to(z.dtype), (s2 / count - mean * mean).clamp_min(0).to(z.dtype)
+
+
+class _BatchNormReLU(torch.autograd.Function):
+    """``relu(batch_norm(z))`` in training mode over channels-last ``z``; also returns the batch mean and
+    biased variance (for the running statistics)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        mean, var = batch_stats(z)
+        invstd = torch.rsqrt(var + eps)
+        scale = (weight * invstd).contiguous()
+        shift = (bias - mean * scale).contiguous()
+        y = torch.empty_like(z, memory_format=torch.channels_last)
+        _bn_call("bn_apply", z, None, None, None, scale, shift, None, y)
+        ctx.save_for_backward(z, weight, mean, invstd, scale, shift)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _mean, _var):
+        z, weight, mean, invstd, scale, shift = ctx.saved_tensors
+        g = g.contiguous(memory_format=torch.channels_last)
+        c = z.shape[1]
+        count = z.numel() // c
+        s1, s2 = (torch.empty(c, dtype=torch.float64) for _ in range(2))
+        _bn_call("bn_sums", z, g, scale, shift, s1, s2)
+        d_bias = s1.to(z.dtype)
+        d_weight = (invstd.double() * (s2 - mean.double() * s1)).to(z.dtype)
+        gain = weight * invstd
+        a = -gain * invstd * d_weight / count                 # dz = gain * gm + a * z + b
+        b = -gain * d_bias / count - a * mean
+        dz = torch.empty_like(z, memory_format=torch.channels_last)
+        _bn_call("bn_apply", z, g, scale, shift, gain.contiguous(), a.contiguous(), b.contiguous(), dz)
+        return dz, d_weight, d_bias, None
+
+
+def batch_norm_relu(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """``relu(F.batch_norm(z, training=True))`` over ``(B, C, H, W)`` with ``weight`` and ``bias`` in
+    ``z``'s channel order: two passes forward (the statistics' sums, then the affine map and ReLU) and
+    two backward, where BN and ReLU take four and three. Returns ``(y, batch mean, biased batch variance)``;
+    the running statistics are the caller's. Float32/float64 CPU tensors, once the library is built.
+    """
+    _check(z)
+    z = z.contiguous(memory_format=torch.channels_last)
+    return _BatchNormReLU.apply(z, weight.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), eps)
 
 
 def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, scale: Optional[torch.Tensor] = None,

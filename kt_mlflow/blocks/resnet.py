@@ -132,7 +132,7 @@ class BasicBlock(TwoLayerBlock):
     def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """``stride``: return only every stride-th position (all a strided reader looks at). In eval
         mode conv2 then computes only those; in training BN2 needs its statistics over all positions."""
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn1.relu(self.conv1(x))
         if self.training:
             y = self.bn2.strided(self.conv2(out), stride)
         else:
@@ -199,20 +199,20 @@ class LastBlock(nn.Module):
         """``subsampled``: ``x`` holds only every stride-th position already (see ``KTNetwork.forward``)."""
         if not subsampled:
             x = subsample(x, self.stride)
-        x = F.relu(self._conv_bn(x), inplace=True)
+        x = self._conv_bn_relu(x)
         if self.conv.interleaved:  # each member's features in (C, H, W) order, read in place
             return self.fc.on_interleaved(x)
         return self.fc(channels_last_grad(x).reshape(x.shape[0], -1))
 
-    def _conv_bn(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_bn_relu(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn.training:
-            return self.bn(self.conv(x))
+            return self.bn.relu(self.conv(x))
         # Eval-mode BN is a per-channel affine map: its scale folds into the 1x1 conv, its shift is added
         # after (one pass instead of BN's pass forward and another backward).
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         shift = bn.channels(bn.bias - bn.running_mean * scale)
-        return self.conv.run(x, self.conv.weight * scale[:, None, None, None]) + shift[:, None, None]
+        return F.relu(self.conv.run(x, self.conv.weight * scale[:, None, None, None]) + shift[:, None, None], inplace=True)
 
 
 class KTNetwork(nn.Module):

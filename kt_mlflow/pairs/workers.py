@@ -39,8 +39,9 @@ from .make import train_pairs
 # The generator's arithmetic revision: raised whenever a change reorders its floating-point operations
 # (so the same settings give other bits), so that no folder mixes shards of two revisions.
 # 2 (2026-12-06): channels-last gradients, BN2 at the kept positions, input gradients as forward convs.
-# 3 (2026-12-07): the head's eval-mode BN folded into its conv; its linear layer as a native member conv.
-ARITHMETIC = 3
+# 3 (2026-12-07): the head's eval-mode BN folded into its conv, its linear layer a native member conv.
+# 4 (2026-12-07): training-mode BN + ReLU and BN2's statistics from native one-pass sums.
+ARITHMETIC = 4
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
