@@ -14,13 +14,13 @@ dicts stay member major in both layouts.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import batch_norm_relu, batch_stats, member_conv2d, member_linear, member_order, stacked_order
+from .native import batch_norm_relu, batch_stats, bn_input_grad, member_conv2d, member_linear, member_order, stacked_order
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -96,9 +96,7 @@ class _StridedBatchNorm(torch.autograd.Function):
         s, n = ctx.s, z.numel() // z.shape[1]
         xhat = (z[:, :, ::s, ::s] - mean[:, None, None]) * invstd[:, None, None]
         d_bias, d_weight = grad.sum((0, 2, 3)), (grad * xhat).sum((0, 2, 3))
-        gain = weight * invstd
-        a = -gain * invstd * d_weight / n                                 # dz = a * z + c off the kept positions
-        c = -gain * d_bias / n - a * mean
+        gain, a, c = bn_input_grad(weight, invstd, mean, d_weight, d_bias, n)   # dz = a * z + c off the kept positions
         dz = torch.addcmul(c[:, None, None], z, a[:, None, None])       # channels-last like z
         dz[:, :, ::s, ::s] += grad * gain[:, None, None]
         return dz, d_weight, d_bias, None, None, None
@@ -150,6 +148,12 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.copy_(stacked_order(mean, self.members))
                 self.running_var.copy_(stacked_order(var, self.members))
         return y
+
+    def folded(self, mean: torch.Tensor, var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """BN with these member-major statistics as ``x * scale + shift``: ``scale`` member major (to fold
+        into the conv before), ``shift`` in the activations' channel order (to add after)."""
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return scale, self.channels(self.bias - mean * scale)
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(self(x))``; in training on interleaved activations, BN and ReLU as one native op

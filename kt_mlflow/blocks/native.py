@@ -343,6 +343,15 @@ def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean.to(z.dtype), (s2 / count - mean * mean).clamp_min(0).to(z.dtype)
 
 
+def bn_input_grad(weight: torch.Tensor, invstd: torch.Tensor, mean: torch.Tensor, d_weight: torch.Tensor,
+                  d_bias: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BN's input gradient is per channel an affine map ``gain * g + a * z + c`` of the
+    output gradient ``g`` and the input ``z`` (``count`` values per channel): returns (gain, a, c)."""
+    gain = weight * invstd
+    a = -gain * invstd * d_weight / count
+    return gain, a, -gain * d_bias / count - a * mean
+
+
 class _BatchNormReLU(torch.autograd.Function):
     """``relu(batch_norm(z))`` in training mode over channels-last ``z``; also returns the batch mean and
     biased variance (for the running statistics)."""
@@ -369,9 +378,7 @@ class _BatchNormReLU(torch.autograd.Function):
         _bn_call("bn_sums", z, g, scale, shift, s1, s2)
         d_bias = s1.to(z.dtype)
         d_weight = (invstd.double() * (s2 - mean.double() * s1)).to(z.dtype)
-        gain = weight * invstd
-        a = -gain * invstd * d_weight / count                 # dz = gain * gm + a * z + b
-        b = -gain * d_bias / count - a * mean
+        gain, a, b = bn_input_grad(weight, invstd, mean, d_weight, d_bias, count)   # on the masked gradient
         dz = torch.empty_like(z, memory_format=torch.channels_last)
         _bn_call("bn_apply", z, g, scale, shift, gain.contiguous(), a.contiguous(), b.contiguous(), dz)
         return dz, d_weight, d_bias, None

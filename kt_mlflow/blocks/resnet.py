@@ -52,14 +52,13 @@ class BeginBlock(nn.Module):
             mean, var = self._batch_stats(*moments)
         else:
             mean, var = self.bn.running_mean, self.bn.running_var
-        scale = self.bn.weight * torch.rsqrt(var + self.bn.eps)
+        scale, shift = self.bn.folded(mean, var)
         weight = self.conv.weight * scale[:, None, None, None]  # keeps the conv weight's memory format
         if self.conv.interleaved and not x.requires_grad:  # fused: no full-resolution tensor in memory
             y = member_conv2d_max_pool(x, weight, self.members, (3, 2, 1))
         else:
             y = F.max_pool2d(self.conv.run(x, weight), 3, stride=2, padding=1)
         # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
-        shift = self.bn.channels(self.bn.bias - mean * scale)
         return y + shift[:, None, None]
 
     def _batch_stats(self, s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -209,9 +208,7 @@ class LastBlock(nn.Module):
             return self.bn.relu(self.conv(x))
         # Eval-mode BN is a per-channel affine map: its scale folds into the 1x1 conv, its shift is added
         # after (one pass instead of BN's pass forward and another backward).
-        bn = self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        shift = bn.channels(bn.bias - bn.running_mean * scale)
+        scale, shift = self.bn.folded(self.bn.running_mean, self.bn.running_var)
         return F.relu(self.conv.run(x, self.conv.weight * scale[:, None, None, None]) + shift[:, None, None], inplace=True)
 
 
