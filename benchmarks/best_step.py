@@ -21,12 +21,18 @@ the formulations it replaced put back (``--before`` names some of them to put ba
   interleaved features, copied them into member order before its linear layer, where it now folds the
   BN into the 1x1 conv and reads the features in place (``blocks.native.member_linear``);
 - ``leak``: the small block's leaky-gradient ReLU was ``relu(x) + (leak - leak.detach())`` (four passes
-  forward, four backward), where it is now one autograd function (one pass each way);
+  forward, four backward), where it is now one autograd function (one pass each way, the backward one
+  native);
+- ``mse``: the feature term was ``F.mse_loss``, whose CPU backward hands the channels-last layers below
+  a contiguous gradient (slow mixed-layout passes), where it now keeps the features' layout;
+- ``evalbn``: the teacher's eval-mode BN and ReLU took a pass each, where they now take one native pass;
 - ``layout``: the task loss ran the pairs' networks with grouped convolutions (member major), where on a CPU it
   now runs the native member-interleaved kernels that generation uses;
 - ``dropout``: dropout drew its masks with PyTorch's ``bernoulli_``, where on a CPU it now uses the
   native counter-based mask (``blocks.native.dropout_mask``);
 - ``adam``: Adam's step ran PyTorch's for-each implementation, where it now runs the fused one;
+- ``onednn``: the translator's linear layers ran PyTorch's float32 CPU matmul (MKL), where they now run
+  oneDNN's (``translators.linear``);
 - ``pool`` (not in the default): the native kernels split the batch on a pool of Python threads, where
   they now run on PyTorch's OpenMP threads.
 
@@ -47,13 +53,14 @@ import torch.nn.functional as F
 from synthetic import random_stack  # benchmarks/synthetic.py (scripts run from their folder)
 
 from kt_mlflow.blocks import create_family, native, resnet
-from kt_mlflow.blocks.layers import channels_last_grad, subsample
+from kt_mlflow.blocks.layers import StackedBatchNorm2d, channels_last_grad, subsample
 from kt_mlflow.blocks.resnet import LastBlock
 from kt_mlflow.config import TrainConfig
 from kt_mlflow.data import load_for
 from kt_mlflow.pairs.store import PairSet
 from kt_mlflow.training import task_loss
 from kt_mlflow.training.train import BatchShare, TranslatorFit
+from kt_mlflow.translators import linear
 from kt_mlflow.translators.channel_set import ChannelSetTranslator, EdgeLayer
 
 
@@ -106,14 +113,25 @@ def _head_before(self, x, subsampled=False):
     return self.fc(x.reshape(x.shape[0], -1))
 
 
-def _leak_before(x, slope):
+def _leak_before(x, slope, native=False):
     leak = slope * x.clamp(max=0)
     return F.relu(x) + (leak - leak.detach())
 
 
+class _MseBefore:
+    apply = staticmethod(F.mse_loss)
+
+
+_BN_RELU = StackedBatchNorm2d.relu
+
+
+def _bn_relu_before(self, x):
+    return F.relu(self(x), inplace=True) if not self.training else _BN_RELU(self, x)
+
+
 _FOREACH = {}
 # What "before" can put back (``--before``); the default is every rewrite of the loop, not "pool".
-REWRITES = ("banks", "gather", "write", "edges", "head", "leak", "layout", "dropout", "adam")
+REWRITES = ("banks", "gather", "write", "edges", "head", "leak", "mse", "evalbn", "layout", "dropout", "adam", "onednn")
 
 
 @contextmanager
@@ -122,7 +140,7 @@ def before(fit: TranslatorFit, what=REWRITES):
     native kernels' threads in a Python pool, not OpenMP."""
     task, lib = fit.groups[0].task, native.library()
     saved = (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, task.native, lib.kt_openmp,
-             LastBlock.forward, resnet.relu_leaky_grad)
+             LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, StackedBatchNorm2d.relu)
     opt = fit.opt
     banks = task.pre, task.outs, task.teacher
     if "gather" in what or "banks" in what:
@@ -143,6 +161,12 @@ def before(fit: TranslatorFit, what=REWRITES):
         task.native, task._nets = False, {}   # the networks are built again in the grouped layout
     if "pool" in what:
         lib.kt_openmp = lambda: 0
+    if "onednn" in what:
+        linear.available = lambda: False
+    if "mse" in what:
+        task_loss._Mse = _MseBefore
+    if "evalbn" in what:
+        StackedBatchNorm2d.relu = _bn_relu_before
     if "adam" in what:   # one for-each Adam per fit, kept across rounds (its state is allocated once)
         if id(fit) not in _FOREACH:
             _FOREACH[id(fit)] = torch.optim.Adam(fit.net.parameters(), lr=opt.defaults["lr"],
@@ -152,7 +176,7 @@ def before(fit: TranslatorFit, what=REWRITES):
         yield
     finally:
         (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, native_layout, lib.kt_openmp,
-         LastBlock.forward, resnet.relu_leaky_grad) = saved
+         LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, StackedBatchNorm2d.relu) = saved
         task.pre, task.outs, task.teacher = banks
         task_loss.gather_members = native.gather_members
         task.native, task._nets = native_layout, {}

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -118,6 +120,39 @@ def test_last_block_equals_the_textbook_head(interleaved, training):
         torch.testing.assert_close(params["bn.bias"][rows], gbn_b, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(params["fc.weight"][m * 10:(m + 1) * 10], gfc_w, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(params["fc.bias"][m * 10:(m + 1) * 10], gfc_b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_frozen_eval_blocks_equal_the_textbook_modules(interleaved):
+    """With their parameters frozen in eval mode (the task loss's networks, generation's step 3), the
+    head's BN shift + ReLU and the large block's BN + ReLU run as one native pass each way when
+    interleaved: the same values and input gradients as the textbook modules (float64)."""
+    from kt_mlflow.blocks.layers import StackedBatchNorm2d, set_interleaved
+    from kt_mlflow.blocks.native import deinterleave, interleave
+    from kt_mlflow.blocks.resnet import LastBlock
+
+    torch.manual_seed(0)
+    k, c, wide, side = 3, 4, 5, 8
+    head, bn = LastBlock(c, wide, side, 10, members=k).double(), StackedBatchNorm2d(c, k).double()
+    with torch.no_grad():
+        for m in (head.bn, bn):
+            m.weight.uniform_(-1.5, 1.5)
+            m.bias.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    ref_head, ref_bn = copy.deepcopy(head).eval(), copy.deepcopy(bn).eval()
+    head, bn = (set_interleaved(m, interleaved).eval().requires_grad_(False) for m in (head, bn))
+    x = torch.randn(6, k * c, side, side, dtype=torch.float64)
+    xin = (interleave(x, k) if interleaved else x).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    for fast, ref in ((head(xin), ref_head(x_ref)), (bn.relu(xin), torch.relu(ref_bn(x_ref)))):
+        g = torch.randn_like(ref)
+        if fast.dim() == 4 and interleaved:
+            fast = deinterleave(fast, k)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+        gx, = torch.autograd.grad(fast, xin, g)
+        gx_ref, = torch.autograd.grad(ref, x_ref, g)
+        torch.testing.assert_close(deinterleave(gx, k) if interleaved else gx, gx_ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("which", ["base", "compressed"])

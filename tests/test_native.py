@@ -181,6 +181,46 @@ def test_batch_norm_relu_equals_batch_norm_then_relu(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_affine_relu_equals_the_affine_map_then_relu(threads):
+    """``affine_relu`` (eval-mode BN + ReLU, or a bias + ReLU, one pass each way) equals
+    ``relu(z * scale + shift)`` in float64, value and input gradient, negative scales included; it
+    refuses a scale or shift that wants a gradient (it passes none to them)."""
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z = (torch.randn(7, 10, 9, 9, dtype=torch.float64) * 2).contiguous(memory_format=torch.channels_last)
+        scale, shift = torch.rand(10, dtype=torch.float64) * 3 - 1.5, torch.randn(10, dtype=torch.float64)
+        z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        y = native.affine_relu(z1, scale, shift)
+        ref = F.relu(z2 * scale[:, None, None] + shift[:, None, None])
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+        assert y.is_contiguous(memory_format=torch.channels_last) and 0 < float((y == 0).double().mean()) < 1
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(y, z1, g)[0], torch.autograd.grad(ref, z2, g)[0], rtol=0, atol=1e-12)
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(RuntimeError, match="no gradient to scale or shift"):
+        native.affine_relu(z, scale.requires_grad_(), shift)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_leaky_relu_grad_has_the_bits_of_the_expression_it_replaces(dtype, layout):
+    """One native pass: bit for bit ``where(z > 0, g, where(z < 0, slope * g, 0))``, zeros of z
+    included, in z's layout whatever g's."""
+    torch.manual_seed(0)
+    z = torch.randn(6, 12, 9, 9, dtype=dtype)
+    z.view(-1)[::5] = 0
+    z = z.contiguous(memory_format=layout)
+    g = torch.randn(6, 12, 9, 9, dtype=dtype)
+    for grad in (g, g.contiguous(memory_format=torch.channels_last)):
+        got = native.leaky_relu_grad(z, grad, 0.05)
+        assert torch.equal(got, torch.where(z > 0, grad, torch.where(z < 0, grad * 0.05, 0.0)))
+        assert got.stride() == z.stride()
+
+
 @pytest.mark.parametrize("members", [1, 3])
 def test_member_linear_equals_stacked_linear_after_a_flatten(members):
     """The head read in place (1x1 member conv of one position) equals ``StackedLinear`` on the

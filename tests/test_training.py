@@ -295,3 +295,19 @@ def test_run_context_plugin_tags_new_runs(local_tracking):
     tags = mlflow.get_run(run.info.run_id).data.tags
     assert tags["kt.version"] == "0.1.0" and tags["kt.torch"] == torch.__version__
     assert tags["kt.device"].startswith("cpu") or "NVIDIA" in tags["kt.device"]
+
+
+def test_feature_mse_keeps_the_features_layout():
+    """The task loss's feature term is ``F.mse_loss`` in value and gradient (float64), with the gradient
+    laid out channels-last like the features (``mse_loss``'s CPU backward hands back NCHW)."""
+    from kt_mlflow.training.task_loss import _Mse
+
+    torch.manual_seed(0)
+    a = torch.randn(5, 12, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    b = torch.randn_like(a)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    got, want = _Mse.apply(a1, b), torch.nn.functional.mse_loss(a2, b)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    (g1,), (g2,) = torch.autograd.grad(got * 3, [a1]), torch.autograd.grad(want * 3, [a2])
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=0)
+    assert g1.is_contiguous(memory_format=torch.channels_last)

@@ -276,3 +276,46 @@ def test_channel_set_kernel_map_starts_at_zero_and_adds_the_chosen_edges_linear_
     want = plain(x) + torch.cat([extra[..., :9].reshape(3, 18, 9), extra[..., 9:].transpose(1, 2).reshape(3, 18, 9)], 1)
     torch.testing.assert_close(mapped(x), want, rtol=1e-12, atol=1e-12)
     assert (mapped(x) - plain(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rows,cin,cout", [(1152, 64, 256), (1152, 256, 64), (200, 9, 32)])
+def test_onednn_linear_equals_f_linear(rows, cin, cout):
+    """The translators' ``Linear`` (oneDNN's float32 CPU product, each gradient one product) computes
+    ``F.linear``'s value and gradients to float32 rounding, on 2-D and batched inputs; its output takes
+    in-place additions (no view for autograd), as the channel_set edge layers make."""
+    from kt_mlflow.translators import linear
+
+    assert linear.available(), "this PyTorch has no oneDNN linear op: the translators fall back to F.linear"
+    torch.manual_seed(0)
+    x = torch.randn(rows // 8, 8, cin, requires_grad=True)
+    w, b = torch.randn(cout, cin, requires_grad=True), torch.randn(cout, requires_grad=True)
+    extra = torch.randn(rows // 8, 1, cout, requires_grad=True)
+    outs, grads = [], []
+    for fn in (linear.linear, torch.nn.functional.linear):
+        y = fn(x, w, b)
+        y += extra                           # in place, as EdgeLayer adds its mean terms
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * y.detach().cos()).sum(), [x, w, b, extra]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-4)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert not torch.equal(grads[0][1], torch.zeros_like(w))
+
+
+def test_onednn_linear_leaves_float64_small_batches_and_layers_to_f_linear(monkeypatch):
+    """Float64 and batches of fewer than ``MIN_ROWS`` rows take ``F.linear`` itself (bit for bit), as
+    does every call where oneDNN is missing; ``Linear`` keeps ``nn.Linear``'s state dict."""
+    from kt_mlflow.translators import linear
+
+    torch.manual_seed(0)
+    layer = linear.Linear(12, 7)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    small = torch.randn(linear.MIN_ROWS - 1, 12)
+    assert torch.equal(layer(small), torch.nn.functional.linear(small, layer.weight, layer.bias))
+    wide = layer.double()
+    x64 = torch.randn(300, 12, dtype=torch.float64)
+    assert torch.equal(wide(x64), torch.nn.functional.linear(x64, wide.weight, wide.bias))
+    monkeypatch.setattr(linear, "available", lambda: False)
+    x = torch.randn(300, 12, dtype=torch.float64).float()
+    layer = linear.Linear(12, 7)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

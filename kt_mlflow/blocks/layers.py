@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import batch_norm_relu, batch_stats, bn_input_grad, member_conv2d, member_linear, member_order, stacked_order
+from .native import (
+    affine_relu,
+    batch_norm_relu,
+    batch_stats,
+    bn_input_grad,
+    member_conv2d,
+    member_linear,
+    member_order,
+    stacked_order,
+)
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -156,10 +165,17 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
         return scale, self.channels(self.bias - mean * scale)
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
-        """``relu(self(x))``; in training on interleaved activations, BN and ReLU as one native op
-        (``native.batch_norm_relu``: two passes each way instead of seven), running statistics as here."""
-        if not (self.training and self.interleaved and x.dim() == 4 and self.track_running_stats):
+        """``relu(self(x))``; on interleaved activations, BN and ReLU as one native op: in training
+        ``native.batch_norm_relu`` (two passes each way instead of seven, running statistics as here),
+        in eval mode with fixed parameters ``native.affine_relu`` (one pass each way instead of two)."""
+        if not (self.interleaved and x.dim() == 4 and self.track_running_stats):
             return F.relu(self(x), inplace=True)
+        if not self.training:
+            if torch.is_grad_enabled() and self.weight.requires_grad:
+                return F.relu(self(x), inplace=True)
+            with torch.no_grad():
+                scale, shift = self.folded(self.running_mean, self.running_var)
+            return affine_relu(x, self.channels(scale), shift)
         y, mean, var = batch_norm_relu(x, self.channels(self.weight), self.channels(self.bias), self.eps)
         self.track(stacked_order(mean, self.members), stacked_order(var, self.members), x.numel() // x.shape[1])
         return y

@@ -72,9 +72,27 @@ inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b
     W acc[P][OB];
     for (int p = 0; p < P; ++p)
         for (int o = 0; o < OB; ++o) acc[p][o] = W{};
+    // every tap of every position inside the row: per kernel row, the (column, input channel) pairs are
+    // consecutive in x and in the weights, so one loop of k * Ci steps with pointers (the same products
+    // in the same order as the general loop below)
+    const bool inside = wo * S.s - S.pad() >= 0 && (wo + P - 1) * S.s + S.k - 1 - S.pad() < S.W;
     for (long dh = 0; dh < S.k; ++dh) {
         const long hi = ho * S.s + dh - S.pad();
         if (hi < 0 || hi >= S.H) continue;
+        if (inside) {
+            const long K = S.K, xstep = S.s * S.Ci * K, wstep = S.Co * K;
+            const T* xp = x + S.x_at(b, hi, wo * S.s - S.pad(), 0) + m;
+            const T* wp = wv + S.w_at(dh * S.k, 0, o0) + m;
+            for (long j = 0; j < S.k * S.Ci; ++j, xp += K, wp += wstep) {
+                W w[OB];
+                for (int o = 0; o < OB; ++o) w[o] = load<W>(wp + o * K);
+                for (int p = 0; p < P; ++p) {
+                    const W xv = load<W>(xp + p * xstep);
+                    for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
+                }
+            }
+            continue;
+        }
         for (long dw = 0; dw < S.k; ++dw) {
             const long wi0 = wo * S.s + dw - S.pad();
             for (long i = 0; i < S.Ci; ++i) {
@@ -389,6 +407,12 @@ void bn_apply(const T* __restrict z, const T* __restrict g, const T* __restrict 
     }
 }
 
+// The gradient of ReLU with a leak below zero: g where z > 0, slope * g where z < 0, 0 where z == 0.
+template <typename T>
+void leaky_grad(const T* __restrict z, const T* __restrict g, T slope, T* __restrict out, long n0, long n1) {
+    for (long i = n0; i < n1; ++i) out[i] = z[i] > T(0) ? g[i] : z[i] < T(0) ? g[i] * slope : T(0);
+}
+
 }  // namespace
 
 // Dropout's mask: out[i] = scale where a hash of (seed, i) falls below `keep` (out of 2^24), else 0.
@@ -505,3 +529,11 @@ KT_GATHER(double, f64)
     }
 KT_BN(float, f32)
 KT_BN(double, f64)
+
+// relu_leaky_grad's backward (see leaky_grad) over n elements of z and g in the same layout.
+#define KT_LEAKY(T, suffix)                                                                               \
+    extern "C" void kt_leaky_grad_##suffix(const T* z, const T* g, double slope, T* out, long n, long threads) { \
+        split_batch(n, threads, [&](long i0, long i1, long) { leaky_grad<T>(z, g, T(slope), out, i0, i1); }); \
+    }
+KT_LEAKY(float, f32)
+KT_LEAKY(double, f64)

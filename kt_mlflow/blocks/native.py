@@ -128,6 +128,9 @@ def library() -> Optional[ctypes.CDLL]:
             fn = getattr(lib, f"kt_{name}_{suffix}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs
+        leaky = getattr(lib, f"kt_leaky_grad_{suffix}")
+        leaky.restype = None
+        leaky.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     lib.kt_openmp.restype = ctypes.c_int
     lib.kt_dropout_mask_f32.restype = None
     lib.kt_dropout_mask_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float,
@@ -393,6 +396,50 @@ def batch_norm_relu(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     _check(z)
     z = z.contiguous(memory_format=torch.channels_last)
     return _BatchNormReLU.apply(z, weight.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), eps)
+
+
+def leaky_relu_grad(z: torch.Tensor, g: torch.Tensor, slope: float) -> torch.Tensor:
+    """The gradient of ReLU with ``slope`` below zero, in one pass: ``g`` where ``z > 0``, ``slope * g``
+    where ``z < 0``, 0 where ``z == 0``. ``z`` dense (contiguous or channels-last); ``g`` is laid out as it."""
+    _check(z)
+    fmt = torch.channels_last if z.dim() == 4 and not z.is_contiguous() else torch.contiguous_format
+    if not z.is_contiguous(memory_format=fmt):
+        raise RuntimeError("leaky_relu_grad takes a contiguous or channels-last z")
+    g = g.contiguous(memory_format=fmt)
+    out = torch.empty_like(z, memory_format=fmt)
+    n = z.numel()
+    threads = max(1, min(torch.get_num_threads(), n // 16384))
+    getattr(library(), f"kt_leaky_grad_{_SUFFIX[z.dtype]}")(z.data_ptr(), g.data_ptr(), slope, out.data_ptr(), n, threads)
+    return out
+
+
+class _AffineReLU(torch.autograd.Function):
+    """``relu(z * scale + shift)`` per channel of channels-last ``z``; gradient to ``z`` only."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(z, memory_format=torch.channels_last)
+        _bn_call("bn_apply", z, None, None, None, scale, shift, None, y)
+        ctx.save_for_backward(z, scale, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, scale, shift = ctx.saved_tensors
+        zero = torch.zeros_like(scale)
+        dz = torch.empty_like(z, memory_format=torch.channels_last)   # [z * scale + shift > 0] g * scale
+        _bn_call("bn_apply", z, g.contiguous(memory_format=torch.channels_last), scale, shift, scale, zero, zero, dz)
+        return dz, None, None
+
+
+def affine_relu(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``relu(z * scale + shift)`` per channel of ``(B, C, H, W)`` (eval-mode BN + ReLU, or a bias + ReLU)
+    in one pass each way, channels-last; ``scale`` and ``shift`` take no gradient."""
+    _check(z)
+    if scale.requires_grad or shift.requires_grad:
+        raise RuntimeError("affine_relu passes no gradient to scale or shift")
+    return _AffineReLU.apply(z.contiguous(memory_format=torch.channels_last), scale.to(z.dtype).contiguous(),
+                             shift.to(z.dtype).contiguous())
 
 
 def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, scale: Optional[torch.Tensor] = None,

@@ -14,7 +14,7 @@ from torch import nn
 
 from .kind import TwoLayerBlock
 from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_out_size, subsample
-from .native import member_conv2d_max_pool
+from .native import affine_relu, leaky_relu_grad, member_conv2d_max_pool
 
 
 class BeginBlock(nn.Module):
@@ -99,20 +99,23 @@ class _ReluLeakyGrad(torch.autograd.Function):
     """One pass forward, where ``relu(x) + (leak - leak.detach())`` took four (and four backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, slope: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, slope: float, native: bool) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.slope = slope
+        ctx.slope, ctx.native = slope, native
         return F.relu(x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return torch.where(x > 0, g, torch.where(x < 0, g * ctx.slope, 0.0)), None
+        if ctx.native:   # one pass, where the expression below takes five
+            return leaky_relu_grad(x, g, ctx.slope), None, None
+        return torch.where(x > 0, g, torch.where(x < 0, g * ctx.slope, 0.0)), None, None
 
 
-def relu_leaky_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
-    """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0``, 1 where ``x > 0`` (0 at 0)."""
-    return _ReluLeakyGrad.apply(x, slope)
+def relu_leaky_grad(x: torch.Tensor, slope: float, native: bool = False) -> torch.Tensor:
+    """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0``, 1 where ``x > 0`` (0 at 0).
+    ``native``: the backward pass in ``native.leaky_relu_grad`` (CPU; the same bits)."""
+    return _ReluLeakyGrad.apply(x, slope, native)
 
 
 class BasicBlock(TwoLayerBlock):
@@ -156,7 +159,7 @@ class BottleneckBlock(TwoLayerBlock):
     def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """``stride``: compute only every stride-th output position (no BN, so exact in training too)."""
         h = self.conv1(x)
-        h = F.relu(h, inplace=True) if self.grad_leak == 0 else relu_leaky_grad(h, self.grad_leak)
+        h = F.relu(h, inplace=True) if self.grad_leak == 0 else relu_leaky_grad(h, self.grad_leak, self.conv1.interleaved)
         y = self.conv2(h, stride)  # a "same" conv at stride s: conv(x)[::s, ::s]
         return F.relu(y + subsample(x, stride), inplace=True)
 
@@ -209,7 +212,10 @@ class LastBlock(nn.Module):
         # Eval-mode BN is a per-channel affine map: its scale folds into the 1x1 conv, its shift is added
         # after (one pass instead of BN's pass forward and another backward).
         scale, shift = self.bn.folded(self.bn.running_mean, self.bn.running_var)
-        return F.relu(self.conv.run(x, self.conv.weight * scale[:, None, None, None]) + shift[:, None, None], inplace=True)
+        z = self.conv.run(x, self.conv.weight * scale[:, None, None, None])
+        if self.conv.interleaved and not shift.requires_grad:   # the shift and ReLU in one native pass each way
+            return affine_relu(z, torch.ones_like(shift), shift)
+        return F.relu(z + shift[:, None, None], inplace=True)
 
 
 class KTNetwork(nn.Module):

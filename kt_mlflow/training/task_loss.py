@@ -158,7 +158,7 @@ class TaskLoss:
                 teacher = functional_call(net.last, last, (target,), {"subsampled": True}).view(n_images * k, -1)
         kl = F.kl_div(F.log_softmax(student.view(n_images * k, -1), -1), F.log_softmax(teacher, -1),
                       log_target=True, reduction="batchmean")
-        return kl, F.mse_loss(out, target) / self.out_scale
+        return kl, _Mse.apply(out, target) / self.out_scale
 
     def _features(self, idx: torch.Tensor, pick: torch.Tensor, scale: Optional[torch.Tensor],
                   shift: Optional[torch.Tensor]) -> torch.Tensor:
@@ -179,6 +179,25 @@ class TaskLoss:
 
     def _noise(self, shape: Tuple[int, ...], gen: torch.Generator, part: Part) -> torch.Tensor:
         return batch_noise(shape, gen, part).to(self.device)
+
+
+class _Mse(torch.autograd.Function):
+    """``F.mse_loss(a, b)`` for a target ``b`` without gradient, its gradient laid out as ``a`` is.
+
+    ``mse_loss``'s CPU backward returns a contiguous (NCHW) gradient for channels-last features, and
+    every layer below then mixes layouts: the block's ReLU backward alone took 0.6 ms per step instead of 0.04.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = a - b
+        ctx.save_for_backward(d)
+        return d.square().mean()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        return d * (2 * g / d.numel()), None
 
 
 def _members(t: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

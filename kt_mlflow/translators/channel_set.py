@@ -27,6 +27,7 @@ from torch import nn
 
 from ..blocks.native import Dropout
 from ..errors import KTError
+from .linear import Linear, linear
 
 
 class EdgeLayer(nn.Module):
@@ -35,7 +36,7 @@ class EdgeLayer(nn.Module):
     def __init__(self, width: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(4 * width, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(Linear(4 * width, hidden), nn.GELU(), Dropout(dropout), Linear(hidden, width))
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:  # (B, H, R, C)
         x = self.norm(e)
@@ -44,10 +45,10 @@ class EdgeLayer(nn.Module):
         # weights once, not once per edge, and is broadcast after (the same function, no (B, H, R, 4C) input).
         first, act, drop, last = self.mlp
         w_x, w_row, w_col, w_all = first.weight.split(x.shape[-1], dim=1)
-        z = x @ w_x.T
-        z += row @ w_row.T                # in place: no product needs z for its gradient
-        z += col @ w_col.T
-        z += row.mean(1, keepdim=True) @ w_all.T + first.bias
+        z = linear(x, w_x)
+        z += linear(row, w_row)           # in place: no product needs z for its gradient
+        z += linear(col, w_col)
+        z += linear(row.mean(1, keepdim=True), w_all, first.bias)
         return e + last(drop(act(z)))
 
 
@@ -71,19 +72,19 @@ class ChannelSetTranslator(nn.Module):
         # query j (nested: a size uses the first M), shifted by an embedding of (log M, log H).
         self.sizes = tuple(tuple(int(v) for v in s) for s in sizes)
         self.edge_dim = 2 * in_dim
-        self.embed = nn.Linear(self.edge_dim, width)
+        self.embed = Linear(self.edge_dim, width)
         self.layers = nn.Sequential(*[EdgeLayer(width, channel_hidden, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         n_queries = max([m, *(s[1] for s in self.sizes)])
         self.queries = nn.Parameter(torch.randn(n_queries, width) / width ** 0.5)  # one per small hidden channel
         if self.sizes:
-            self.size_embed = nn.Linear(2, width)
-        self.key = nn.Linear(width, width)
-        self.write = nn.Sequential(nn.Linear(2 * width, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, 2 * out_dim))
+            self.size_embed = Linear(2, width)
+        self.key = Linear(width, width)
+        self.write = nn.Sequential(Linear(2 * width, channel_hidden), nn.GELU(), Linear(channel_hidden, 2 * out_dim))
         # A linear path from the chosen large edges' own numbers (kernel positions, shifts) to the written
         # ones: across kernel sizes the small kernel is mostly a fixed linear view of the large one,
         # which the normalised edge features above carry only indirectly. Zero at init.
-        self.kernel_map = nn.Linear(self.edge_dim, 2 * out_dim, bias=False) if kernel_map else None
+        self.kernel_map = Linear(self.edge_dim, 2 * out_dim, bias=False) if kernel_map else None
         if self.kernel_map is not None:
             nn.init.zeros_(self.kernel_map.weight)
 
@@ -126,7 +127,7 @@ class ChannelSetTranslator(nn.Module):
         to one, moves outside the sum. The same function in M times fewer multiply-adds."""
         first, _, last = self.write
         w_edge, w_query = first.weight.split(e.shape[-1], dim=1)
-        edge, query = e @ w_edge.T, queries @ w_query.T + first.bias                # (B, H, R, F), (M, F)
+        edge, query = linear(e, w_edge), linear(queries, w_query, first.bias)               # (B, H, R, F), (M, F)
         return last(ChoiceGelu.apply(edge, query, choice))                                # act is nn.GELU()
 
 

@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from ..blocks.native import Dropout
+from .linear import Linear
 
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout))
+        super().__init__(Linear(dim, hidden), nn.GELU(), Dropout(dropout), Linear(hidden, dim), Dropout(dropout))
 
 
 class MixerLayer(nn.Module):
@@ -37,12 +38,12 @@ class MixerTranslator(nn.Module):
     def __init__(self, in_tokens: int, in_dim: int, out_tokens: int, out_dim: int, depth: int = 24,
                  width: int = 128, token_hidden: int = 256, channel_hidden: int = 512, dropout: float = 0.1, **_: object) -> None:
         super().__init__()
-        self.embed = nn.Linear(in_dim, width)
+        self.embed = Linear(in_dim, width)
         self.layers = nn.Sequential(*[MixerLayer(in_tokens, width, token_hidden, channel_hidden, dropout)
                                       for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
-        self.token_proj = nn.Sequential(nn.Linear(in_tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, out_tokens))
-        self.channel_proj = nn.Linear(width, out_dim)
+        self.token_proj = nn.Sequential(Linear(in_tokens, token_hidden), nn.GELU(), Linear(token_hidden, out_tokens))
+        self.channel_proj = Linear(width, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.layers(self.embed(x)))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..blocks.native import Dropout
+from .linear import Linear
 
 
 class MLPTranslator(nn.Module):
@@ -21,9 +22,9 @@ class MLPTranslator(nn.Module):
         self.out_shape = (out_tokens, out_dim)
         layers, d = [], in_tokens * in_dim
         for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.GELU(), Dropout(dropout)]
+            layers += [Linear(d, width), nn.GELU(), Dropout(dropout)]
             d = width
-        layers.append(nn.Linear(d, out_tokens * out_dim))
+        layers.append(Linear(d, out_tokens * out_dim))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
