@@ -15,7 +15,7 @@ the formulations it replaced put back (``--before`` names some of them to put ba
   mean, grid mean] (B, H, R, 4C), where it now runs each part through its slice of the weights (the
   means once per row, column or grid, not once per edge);
 - ``gather``: the task loss formed its input features in five passes (gather, scale, shift, ReLU,
-  interleave), where on a CPU it now forms them in one (``blocks.native.gather_members``); ``banks``
+  interleave), where on a CPU it now forms them in one (``blocks.native_ops.gather_members``); ``banks``
   puts this back too (it changes that gather);
 - ``head``: the networks' head ran its eval-mode BN as a pass of its own (forward and backward) and, on
   interleaved features, copied them into member order before its linear layer, where it now folds the
@@ -25,11 +25,12 @@ the formulations it replaced put back (``--before`` names some of them to put ba
   native);
 - ``mse``: the feature term was ``F.mse_loss``, whose CPU backward hands the channels-last layers below
   a contiguous gradient (slow mixed-layout passes), where it now keeps the features' layout;
-- ``evalbn``: the teacher's eval-mode BN and ReLU took a pass each, where they now take one native pass;
+- ``evalbn``: the eval-mode BN and ReLU after a conv (the teacher's first conv, the heads) took a pass
+  each, where they now run in the conv's epilogue (BN's scale folded into its weights);
 - ``layout``: the task loss ran the pairs' networks with grouped convolutions (member major), where on a CPU it
   now runs the native member-interleaved kernels that generation uses;
 - ``dropout``: dropout drew its masks with PyTorch's ``bernoulli_``, where on a CPU it now uses the
-  native counter-based mask (``blocks.native.dropout_mask``);
+  native counter-based mask (``blocks.native_ops.dropout_mask``);
 - ``adam``: Adam's step ran PyTorch's for-each implementation, where it now runs the fused one;
 - ``onednn``: the translator's linear layers ran PyTorch's float32 CPU matmul (MKL), where they now run
   oneDNN's (``translators.linear``);
@@ -52,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from synthetic import random_stack  # benchmarks/synthetic.py (scripts run from their folder)
 
-from kt_mlflow.blocks import create_family, native, resnet
-from kt_mlflow.blocks.layers import StackedBatchNorm2d, channels_last_grad, subsample
+from kt_mlflow.blocks import create_family, native, native_ops, resnet
+from kt_mlflow.blocks.layers import channels_last_grad, subsample
 from kt_mlflow.blocks.resnet import LastBlock
 from kt_mlflow.config import TrainConfig
 from kt_mlflow.data import load_for
@@ -122,11 +123,8 @@ class _MseBefore:
     apply = staticmethod(F.mse_loss)
 
 
-_BN_RELU = StackedBatchNorm2d.relu
-
-
-def _bn_relu_before(self, x):
-    return F.relu(self(x), inplace=True) if not self.training else _BN_RELU(self, x)
+def _conv_bn_relu_before(conv, bn, x):
+    return bn.relu(conv(x)) if bn.training else F.relu(bn(conv(x)), inplace=True)
 
 
 _FOREACH = {}
@@ -139,8 +137,8 @@ def before(fit: TranslatorFit, what=REWRITES):
     """The step with the named formulations put back (``REWRITES``, as listed above); ``pool``: the
     native kernels' threads in a Python pool, not OpenMP."""
     task, lib = fit.groups[0].task, native.library()
-    saved = (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, task.native, lib.kt_openmp,
-             LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, StackedBatchNorm2d.relu)
+    saved = (ChannelSetTranslator._write, EdgeLayer.forward, native_ops.Dropout.forward, task.native, lib.kt_openmp,
+             LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, resnet.conv_bn_relu)
     opt = fit.opt
     banks = task.pre, task.outs, task.teacher
     if "gather" in what or "banks" in what:
@@ -154,7 +152,7 @@ def before(fit: TranslatorFit, what=REWRITES):
     if "edges" in what:
         EdgeLayer.forward = _edge_layer_before
     if "dropout" in what:
-        native.Dropout.forward = torch.nn.Dropout.forward
+        native_ops.Dropout.forward = torch.nn.Dropout.forward
     if "banks" in what:
         task.pre, task.outs, task.teacher = (t.as_subclass(_WholeBanks) for t in banks)
     if "layout" in what:
@@ -166,7 +164,7 @@ def before(fit: TranslatorFit, what=REWRITES):
     if "mse" in what:
         task_loss._Mse = _MseBefore
     if "evalbn" in what:
-        StackedBatchNorm2d.relu = _bn_relu_before
+        resnet.conv_bn_relu = _conv_bn_relu_before
     if "adam" in what:   # one for-each Adam per fit, kept across rounds (its state is allocated once)
         if id(fit) not in _FOREACH:
             _FOREACH[id(fit)] = torch.optim.Adam(fit.net.parameters(), lr=opt.defaults["lr"],
@@ -175,10 +173,10 @@ def before(fit: TranslatorFit, what=REWRITES):
     try:
         yield
     finally:
-        (ChannelSetTranslator._write, EdgeLayer.forward, native.Dropout.forward, native_layout, lib.kt_openmp,
-         LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, StackedBatchNorm2d.relu) = saved
+        (ChannelSetTranslator._write, EdgeLayer.forward, native_ops.Dropout.forward, native_layout, lib.kt_openmp,
+         LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, resnet.conv_bn_relu) = saved
         task.pre, task.outs, task.teacher = banks
-        task_loss.gather_members = native.gather_members
+        task_loss.gather_members = native_ops.gather_members
         task.native, task._nets = native_layout, {}
         fit.opt = opt
 

@@ -21,15 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .native import (
-    affine_relu,
-    batch_norm_relu,
-    batch_stats,
-    bn_input_grad,
     member_conv2d,
+    member_conv2d_shift_relu,
     member_linear,
     member_order,
     stacked_order,
 )
+from .native_ops import batch_norm_relu, batch_stats, bn_input_grad
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -127,6 +125,14 @@ class StackedConv2d(nn.Conv2d):
             return y if self.bias is None else y + member_order(self.bias, self.groups)[:, None, None]
         return F.conv2d(x, weight, self.bias, stride, self.padding, groups=self.groups)
 
+    def shift_relu(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``relu(self.run(x, weight) + shift)``, ``shift`` in the activations' channel order. Interleaved,
+        bias-free and with only ``x`` wanting a gradient: one native pass (shift and ReLU in the epilogue)."""
+        frozen = not torch.is_grad_enabled() or not (weight.requires_grad or shift.requires_grad)
+        if self.interleaved and self.bias is None and frozen:
+            return member_conv2d_shift_relu(x, weight.detach(), self.groups, shift.detach(), self.stride[0])
+        return F.relu(self.run(x, weight) + shift[:, None, None], inplace=True)
+
 
 class StackedBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` over ``members*C`` channels; statistics and parameters per member in both layouts."""
@@ -165,17 +171,10 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
         return scale, self.channels(self.bias - mean * scale)
 
     def relu(self, x: torch.Tensor) -> torch.Tensor:
-        """``relu(self(x))``; on interleaved activations, BN and ReLU as one native op: in training
-        ``native.batch_norm_relu`` (two passes each way instead of seven, running statistics as here),
-        in eval mode with fixed parameters ``native.affine_relu`` (one pass each way instead of two)."""
-        if not (self.interleaved and x.dim() == 4 and self.track_running_stats):
+        """``relu(self(x))``; in training on interleaved activations, BN and ReLU as one native op
+        (``native_ops.batch_norm_relu``: two passes each way instead of seven), running statistics as here."""
+        if not (self.training and self.interleaved and x.dim() == 4 and self.track_running_stats):
             return F.relu(self(x), inplace=True)
-        if not self.training:
-            if torch.is_grad_enabled() and self.weight.requires_grad:
-                return F.relu(self(x), inplace=True)
-            with torch.no_grad():
-                scale, shift = self.folded(self.running_mean, self.running_var)
-            return affine_relu(x, self.channels(scale), shift)
         y, mean, var = batch_norm_relu(x, self.channels(self.weight), self.channels(self.bias), self.eps)
         self.track(stacked_order(mean, self.members), stacked_order(var, self.members), x.numel() // x.shape[1])
         return y
@@ -202,6 +201,15 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
         m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
         self.running_var.mul_(1 - m).add_(var.detach() * (count / max(count - 1, 1)), alpha=m)
+
+
+def conv_bn_relu(conv: StackedConv2d, bn: StackedBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(bn(conv(x)))``. In eval mode BN is a per-channel affine map: its scale folds into the conv's
+    weights and its shift, with the ReLU, into the conv's epilogue (``StackedConv2d.shift_relu``)."""
+    if bn.training:
+        return bn.relu(conv(x))
+    scale, shift = bn.folded(bn.running_mean, bn.running_var)
+    return conv.shift_relu(x, conv.weight * scale[:, None, None, None], shift)
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, members: int = 1) -> StackedConv2d:

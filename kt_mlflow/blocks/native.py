@@ -116,8 +116,8 @@ def library() -> Optional[ctypes.CDLL]:
     except OSError as e:
         return _without(f"{e} (set $KT_CACHE_DIR to a writable folder)")
     for suffix in _SUFFIX.values():
-        for name, pointers, longs in (("forward", 3, 11), ("backward_data", 3, 11), ("backward_weight", 3, 11),
-                                      ("pool_forward", 4, 16), ("pool_backward_weight", 4, 16)):
+        for name, pointers, longs in (("forward", 3, 11), ("forward_ep", 4, 12), ("backward_data", 3, 11),
+                                      ("backward_weight", 3, 11), ("pool_forward", 4, 16), ("pool_backward_weight", 4, 16)):
             fn = getattr(lib, f"kt_conv_{name}_{suffix}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs   # shape..., threads
@@ -229,21 +229,49 @@ class _MemberConv(torch.autograd.Function):
         x, wv = ctx.saved_tensors
         g = g.contiguous(memory_format=torch.channels_last)
         b, h, w, ci, co, k, kernel, stride, ho, wo = ctx.shape
-        gx = gw = None
-        if ctx.needs_input_grad[0] and stride == 1:
-            # At stride 1 the input gradient of a "same" conv is the forward conv of the gradient with the
-            # kernel flipped and in/out swapped: a gather in registers, not a scatter into a zeroed tensor.
-            gx = torch.empty_like(x, memory_format=torch.channels_last)
-            flipped = wv.flip(0).transpose(1, 2).contiguous()                   # (T, Co, Ci, K)
-            _call("forward", [(g, ho * wo * co * k), (flipped, 0), (gx, h * w * ci * k)],
-                  (b, ho, wo, co, ci, k, kernel, 1, h, w), False)
-        elif ctx.needs_input_grad[0]:
-            gx = torch.zeros_like(x, memory_format=torch.channels_last)
-            _call("backward_data", [(g, ho * wo * co * k), (wv, 0), (gx, h * w * ci * k)], ctx.shape, False)
+        gx = _input_grad(g, x, wv, ctx.shape) if ctx.needs_input_grad[0] else None
+        gw = None
         if ctx.needs_input_grad[1]:
             gw = torch.zeros_like(wv)
             _call("backward_weight", [(x, h * w * ci * k), (g, ho * wo * co * k), (gw, 0)], ctx.shape, True)
         return gx, gw, None, None
+
+
+def _input_grad(g: torch.Tensor, x: torch.Tensor, wv: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """The input gradient of a member conv of ``shape`` (``_conv_shape``), ``g`` channels-last."""
+    b, h, w, ci, co, k, kernel, stride, ho, wo = shape
+    if stride == 1:
+        # At stride 1 the input gradient of a "same" conv is the forward conv of the gradient with the
+        # kernel flipped and in/out swapped: a gather in registers, not a scatter into a zeroed tensor.
+        gx = torch.empty_like(x, memory_format=torch.channels_last)
+        flipped = wv.flip(0).transpose(1, 2).contiguous()                   # (T, Co, Ci, K)
+        _call("forward", [(g, ho * wo * co * k), (flipped, 0), (gx, h * w * ci * k)],
+              (b, ho, wo, co, ci, k, kernel, 1, h, w), False)
+        return gx
+    gx = torch.zeros_like(x, memory_format=torch.channels_last)
+    _call("backward_data", [(g, ho * wo * co * k), (wv, 0), (gx, h * w * ci * k)], shape, False)
+    return gx
+
+
+class _MemberConvShiftReLU(torch.autograd.Function):
+    """``relu(member_conv(x, wv) + shift)``, the shift and ReLU applied in the conv's epilogue (no pass
+    over memory of their own); gradient to ``x`` only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int, shift: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, stride)
+        out = torch.empty((b, co * k, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+        _call("forward_ep", [(x, h * w * ci * k), (wv, 0), (shift, 0), (out, ho * wo * co * k)], (*shape, 1), False)
+        ctx.save_for_backward(x, wv, out)
+        ctx.shape = shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, wv, out = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(g.contiguous(memory_format=torch.channels_last), out, 0)
+        return _input_grad(g, x, wv, ctx.shape), None, None, None, None
 
 
 class _MemberConvMaxPool(torch.autograd.Function):
@@ -299,6 +327,18 @@ def member_conv2d(x: torch.Tensor, weight: torch.Tensor, members: int, stride: i
     return _MemberConv.apply(x, _lanes(weight, members), weight.shape[-1], stride)
 
 
+def member_conv2d_shift_relu(x: torch.Tensor, weight: torch.Tensor, members: int, shift: torch.Tensor,
+                             stride: int = 1) -> torch.Tensor:
+    """``relu(member_conv2d(x, weight, members, stride) + shift)``, ``shift`` ``(Co*members,)`` in the
+    interleaved channel order, in one pass: the shift and ReLU in the conv's epilogue (an eval-mode BN
+    folded into ``weight`` and its ReLU). The gradient goes to ``x`` only."""
+    _check(x)
+    if weight.requires_grad or shift.requires_grad:
+        raise RuntimeError("member_conv2d_shift_relu passes no gradient to the weight or the shift")
+    return _MemberConvShiftReLU.apply(x, _lanes(weight, members), weight.shape[-1], stride,
+                                      shift.to(x.dtype).contiguous())
+
+
 def member_linear(x: torch.Tensor, weight: torch.Tensor, members: int) -> torch.Tensor:
     """``members`` bias-free linear maps of interleaved channels-last features ``(B, C*members, H, W)``,
     each reading its member's features in ``(C, H, W)`` order, as ``nn.Linear`` after a flatten does:
@@ -322,177 +362,3 @@ def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,
     memory (``pool`` = kernel, stride, padding). Gradients reach ``weight`` only, not ``x``."""
     _check(x)
     return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool))
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _bn_call(name: str, z: torch.Tensor, *tensors: Optional[torch.Tensor]) -> None:
-    n, c = z.numel() // z.shape[1], z.shape[1]
-    threads = max(1, min(torch.get_num_threads(), n // 4096))
-    getattr(library(), f"kt_{name}_{_SUFFIX[z.dtype]}")(*(_ptr(t) for t in (z, *tensors)), n, c, threads)
-
-
-def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of channels-last ``(B, C, H, W)``, in one pass (double
-    sums), in ``z``'s dtype; no gradient."""
-    _check(z)
-    z = z.detach().contiguous(memory_format=torch.channels_last)
-    c, count = z.shape[1], z.numel() // z.shape[1]
-    s1, s2 = (torch.empty(c, dtype=torch.float64) for _ in range(2))
-    _bn_call("bn_sums", z, None, None, None, s1, s2)
-    mean = s1 / count
-    return mean.to(z.dtype), (s2 / count - mean * mean).clamp_min(0).to(z.dtype)
-
-
-def bn_input_grad(weight: torch.Tensor, invstd: torch.Tensor, mean: torch.Tensor, d_weight: torch.Tensor,
-                  d_bias: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training-mode BN's input gradient is per channel an affine map ``gain * g + a * z + c`` of the
-    output gradient ``g`` and the input ``z`` (``count`` values per channel): returns (gain, a, c)."""
-    gain = weight * invstd
-    a = -gain * invstd * d_weight / count
-    return gain, a, -gain * d_bias / count - a * mean
-
-
-class _BatchNormReLU(torch.autograd.Function):
-    """``relu(batch_norm(z))`` in training mode over channels-last ``z``; also returns the batch mean and
-    biased variance (for the running statistics)."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-        mean, var = batch_stats(z)
-        invstd = torch.rsqrt(var + eps)
-        scale = (weight * invstd).contiguous()
-        shift = (bias - mean * scale).contiguous()
-        y = torch.empty_like(z, memory_format=torch.channels_last)
-        _bn_call("bn_apply", z, None, None, None, scale, shift, None, y)
-        ctx.save_for_backward(z, weight, mean, invstd, scale, shift)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor, _mean, _var):
-        z, weight, mean, invstd, scale, shift = ctx.saved_tensors
-        g = g.contiguous(memory_format=torch.channels_last)
-        c = z.shape[1]
-        count = z.numel() // c
-        s1, s2 = (torch.empty(c, dtype=torch.float64) for _ in range(2))
-        _bn_call("bn_sums", z, g, scale, shift, s1, s2)
-        d_bias = s1.to(z.dtype)
-        d_weight = (invstd.double() * (s2 - mean.double() * s1)).to(z.dtype)
-        gain, a, b = bn_input_grad(weight, invstd, mean, d_weight, d_bias, count)   # on the masked gradient
-        dz = torch.empty_like(z, memory_format=torch.channels_last)
-        _bn_call("bn_apply", z, g, scale, shift, gain.contiguous(), a.contiguous(), b.contiguous(), dz)
-        return dz, d_weight, d_bias, None
-
-
-def batch_norm_relu(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """``relu(F.batch_norm(z, training=True))`` over ``(B, C, H, W)`` with ``weight`` and ``bias`` in
-    ``z``'s channel order: two passes forward (the statistics' sums, then the affine map and ReLU) and
-    two backward, where BN and ReLU take four and three. Returns ``(y, batch mean, biased batch variance)``;
-    the running statistics are the caller's. Float32/float64 CPU tensors, once the library is built.
-    """
-    _check(z)
-    z = z.contiguous(memory_format=torch.channels_last)
-    return _BatchNormReLU.apply(z, weight.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), eps)
-
-
-def leaky_relu_grad(z: torch.Tensor, g: torch.Tensor, slope: float) -> torch.Tensor:
-    """The gradient of ReLU with ``slope`` below zero, in one pass: ``g`` where ``z > 0``, ``slope * g``
-    where ``z < 0``, 0 where ``z == 0``. ``z`` dense (contiguous or channels-last); ``g`` is laid out as it."""
-    _check(z)
-    fmt = torch.channels_last if z.dim() == 4 and not z.is_contiguous() else torch.contiguous_format
-    if not z.is_contiguous(memory_format=fmt):
-        raise RuntimeError("leaky_relu_grad takes a contiguous or channels-last z")
-    g = g.contiguous(memory_format=fmt)
-    out = torch.empty_like(z, memory_format=fmt)
-    n = z.numel()
-    threads = max(1, min(torch.get_num_threads(), n // 16384))
-    getattr(library(), f"kt_leaky_grad_{_SUFFIX[z.dtype]}")(z.data_ptr(), g.data_ptr(), slope, out.data_ptr(), n, threads)
-    return out
-
-
-class _AffineReLU(torch.autograd.Function):
-    """``relu(z * scale + shift)`` per channel of channels-last ``z``; gradient to ``z`` only."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        y = torch.empty_like(z, memory_format=torch.channels_last)
-        _bn_call("bn_apply", z, None, None, None, scale, shift, None, y)
-        ctx.save_for_backward(z, scale, shift)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        z, scale, shift = ctx.saved_tensors
-        zero = torch.zeros_like(scale)
-        dz = torch.empty_like(z, memory_format=torch.channels_last)   # [z * scale + shift > 0] g * scale
-        _bn_call("bn_apply", z, g.contiguous(memory_format=torch.channels_last), scale, shift, scale, zero, zero, dz)
-        return dz, None, None
-
-
-def affine_relu(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``relu(z * scale + shift)`` per channel of ``(B, C, H, W)`` (eval-mode BN + ReLU, or a bias + ReLU)
-    in one pass each way, channels-last; ``scale`` and ``shift`` take no gradient."""
-    _check(z)
-    if scale.requires_grad or shift.requires_grad:
-        raise RuntimeError("affine_relu passes no gradient to scale or shift")
-    return _AffineReLU.apply(z.contiguous(memory_format=torch.channels_last), scale.to(z.dtype).contiguous(),
-                             shift.to(z.dtype).contiguous())
-
-
-def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                   shift: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-    """Entries ``bank[rows[m], pick[n]]`` of a per-pair bank ``(R, Bk, C, H, W)`` as the interleaved,
-    channels-last input ``(N, C*K, H, W)`` of a ``K = len(rows)``-member network, each value ``v * scale
-    + shift`` (per member and channel, ``(K, C)``) and ReLU'd if ``relu``: in one pass, where a gather, a
-    multiply, an add, a ReLU and a layout copy make five. No gradient flows through it.
-
-    Example:
-        >>> bank = torch.randn(5, 4, 2, 3, 3)
-        >>> out = gather_members(bank, torch.tensor([4, 0]), torch.tensor([1, 2, 3]))
-        >>> torch.equal(out[:, 0::2], bank[4, 1:]) and torch.equal(out[:, 1::2], bank[0, 1:])
-        True
-    """
-    r, b, c, h, w = bank.shape
-    k, n = len(rows), len(pick)
-    if bank.dtype not in _SUFFIX or bank.device.type != "cpu":
-        raise KTError(f"gather_members takes float32 or float64 CPU banks, got {bank.dtype} on {bank.device}.")
-    bank, rows, pick = bank.contiguous(), rows.to(torch.long).contiguous(), pick.to(torch.long).contiguous()
-    if k and n and not (0 <= int(rows.min()) and int(rows.max()) < r and 0 <= int(pick.min()) and int(pick.max()) < b):
-        raise KTError(f"gather_members: rows must lie in [0, {r}) and picks in [0, {b}).")
-    affine = [None if v is None else v.to(bank.dtype).expand(k, c).contiguous() for v in (scale, shift)]
-    out = torch.empty((n, h, w, c, k), dtype=bank.dtype)
-    threads = max(1, min(torch.get_num_threads(), n))
-    getattr(library(), f"kt_gather_members_{_SUFFIX[bank.dtype]}")(
-        bank.data_ptr(), rows.data_ptr(), pick.data_ptr(), *(0 if v is None else v.data_ptr() for v in affine),
-        out.data_ptr(), b, c, h * w, k, n, int(relu), threads)
-    return out.view(n, h, w, c * k).permute(0, 3, 1, 2)
-
-
-def dropout_mask(shape: Sequence[int], p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A float32 CPU dropout mask: ``1 / (1 - p)`` with probability ``1 - p`` (to 2^-24), else 0.
-
-    Drawn by a counter-based hash from one seed that ``generator`` (default: torch's) provides, so
-    ``torch.manual_seed`` makes it reproducible. On a 32 x 6 x 6 x 256 tensor (two threads) it takes
-    about 1 ms against 2.4 to 3.3 ms for ``bernoulli_``.
-    """
-    keep = round((1.0 - p) * (1 << 24))
-    seed = int(torch.randint(0, 2 ** 63 - 1, (), generator=generator))
-    out = torch.empty(shape, dtype=torch.float32)
-    n = out.numel()
-    threads = max(1, min(torch.get_num_threads(), n // 65536))
-    library().kt_dropout_mask_f32(out.data_ptr(), n, keep, (1 << 24) / max(keep, 1), seed, threads)
-    return out
-
-
-class Dropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose masks on float32 CPU tensors come from ``dropout_mask`` (elsewhere, or
-    without the native library: PyTorch's own). The same regulariser; other random draws."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or self.p == 0 or self.inplace or x.device.type != "cpu"
-                or x.dtype != torch.float32 or not available()):
-            return super().forward(x)
-        return x * dropout_mask(x.shape, self.p)

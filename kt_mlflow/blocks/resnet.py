@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kind import TwoLayerBlock
-from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_out_size, subsample
-from .native import affine_relu, leaky_relu_grad, member_conv2d_max_pool
+from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_bn_relu, conv_out_size, subsample
+from .native import member_conv2d_max_pool
+from .native_ops import leaky_relu_grad
 
 
 class BeginBlock(nn.Module):
@@ -114,7 +115,7 @@ class _ReluLeakyGrad(torch.autograd.Function):
 
 def relu_leaky_grad(x: torch.Tensor, slope: float, native: bool = False) -> torch.Tensor:
     """``relu(x)`` in value; in gradient, ``slope`` where ``x < 0``, 1 where ``x > 0`` (0 at 0).
-    ``native``: the backward pass in ``native.leaky_relu_grad`` (CPU; the same bits)."""
+    ``native``: the backward pass in ``native_ops.leaky_relu_grad`` (CPU; the same bits)."""
     return _ReluLeakyGrad.apply(x, slope, native)
 
 
@@ -134,7 +135,7 @@ class BasicBlock(TwoLayerBlock):
     def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """``stride``: return only every stride-th position (all a strided reader looks at). In eval
         mode conv2 then computes only those; in training BN2 needs its statistics over all positions."""
-        out = self.bn1.relu(self.conv1(x))
+        out = conv_bn_relu(self.conv1, self.bn1, x)
         if self.training:
             y = self.bn2.strided(self.conv2(out), stride)
         else:
@@ -201,21 +202,10 @@ class LastBlock(nn.Module):
         """``subsampled``: ``x`` holds only every stride-th position already (see ``KTNetwork.forward``)."""
         if not subsampled:
             x = subsample(x, self.stride)
-        x = self._conv_bn_relu(x)
+        x = conv_bn_relu(self.conv, self.bn, x)
         if self.conv.interleaved:  # each member's features in (C, H, W) order, read in place
             return self.fc.on_interleaved(x)
         return self.fc(channels_last_grad(x).reshape(x.shape[0], -1))
-
-    def _conv_bn_relu(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn.training:
-            return self.bn.relu(self.conv(x))
-        # Eval-mode BN is a per-channel affine map: its scale folds into the 1x1 conv, its shift is added
-        # after (one pass instead of BN's pass forward and another backward).
-        scale, shift = self.bn.folded(self.bn.running_mean, self.bn.running_var)
-        z = self.conv.run(x, self.conv.weight * scale[:, None, None, None])
-        if self.conv.interleaved and not shift.requires_grad:   # the shift and ReLU in one native pass each way
-            return affine_relu(z, torch.ones_like(shift), shift)
-        return F.relu(z + shift[:, None, None], inplace=True)
 
 
 class KTNetwork(nn.Module):

@@ -41,7 +41,8 @@ from .make import train_pairs
 # 2 (2026-12-06): channels-last gradients, BN2 at the kept positions, input gradients as forward convs.
 # 3 (2026-12-07): the head's eval-mode BN folded into its conv, its linear layer a native member conv.
 # 4 (2026-12-07): training-mode BN + ReLU and BN2's statistics from native one-pass sums.
-# 5 (2026-12-07): eval-mode BN + ReLU of the large block as one native affine map + ReLU (the accuracies).
+# 5 (2026-12-07): the large block's eval-mode BN + ReLU folded into its first conv (scale into the
+#   weights, shift and ReLU in the conv's epilogue): the recorded accuracies.
 ARITHMETIC = 5
 
 

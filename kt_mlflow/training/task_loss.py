@@ -12,7 +12,8 @@ from torch.func import functional_call
 
 from ..blocks import BlockFamily, KTNetwork, fold_members
 from ..blocks.layers import set_interleaved
-from ..blocks.native import gather_members, use_native
+from ..blocks.native import use_native
+from ..blocks.native_ops import gather_members
 from ..distributed import all_sum
 from ..pairs.store import PairSet
 from .augment import Part, batch_noise

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks.native import Dropout
+from ..blocks.native_ops import Dropout
 from ..errors import KTError
 from .linear import Linear, linear
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..blocks.native import Dropout
+from ..blocks.native_ops import Dropout
 from .linear import Linear
 
 
