@@ -38,6 +38,7 @@ the formulations it replaced put back (``--before`` names some of them to put ba
   they now run on PyTorch's OpenMP threads.
 
     python benchmarks/best_step.py --family paper_mnist --pairs 2048 --rounds 5 --steps 10
+    python benchmarks/best_step.py --width 128 --rounds 7 --steps 6    # the judged budget's translator width
     python benchmarks/best_step.py --before layout --rounds 8 --steps 3   # one rewrite alone
 """
 from __future__ import annotations
