@@ -49,6 +49,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,53 +134,50 @@ _FOREACH = {}
 REWRITES = ("banks", "gather", "write", "edges", "head", "leak", "mse", "evalbn", "layout", "dropout", "adam", "onednn")
 
 
+def _foreach_adam(fit: TranslatorFit) -> torch.optim.Optimizer:
+    """One for-each Adam per fit, kept across rounds (its state is allocated once)."""
+    if id(fit) not in _FOREACH:
+        _FOREACH[id(fit)] = torch.optim.Adam(fit.net.parameters(), lr=fit.opt.defaults["lr"],
+                                             weight_decay=fit.opt.defaults["weight_decay"])
+    return _FOREACH[id(fit)]
+
+
+def _patches(fit: TranslatorFit, name: str) -> List[Tuple[object, str, object]]:
+    """What putting back rewrite ``name`` sets: (owner, attribute, value) triples."""
+    task = fit.groups[0].task
+    if name in ("gather", "banks"):
+        banks = [(task, n, getattr(task, n).as_subclass(_WholeBanks)) for n in ("pre", "outs", "teacher")]
+        return [(task_loss, "gather_members", _gather_before)] + (banks if name == "banks" else [])
+    if name == "layout":   # the networks are built again in the grouped layout
+        return [(task, "native", False), (task, "_nets", {})]
+    if name == "adam":
+        return [(fit, "opt", _foreach_adam(fit))]
+    return {
+        "head": [(LastBlock, "forward", _head_before)],
+        "leak": [(resnet, "relu_leaky_grad", _leak_before)],
+        "mse": [(task_loss, "_Mse", _MseBefore)],
+        "evalbn": [(resnet, "conv_bn_relu", _conv_bn_relu_before)],
+        "write": [(ChannelSetTranslator, "_write", _write_before)],
+        "edges": [(EdgeLayer, "forward", _edge_layer_before)],
+        "dropout": [(native_ops.Dropout, "forward", torch.nn.Dropout.forward)],
+        "onednn": [(linear, "available", lambda: False)],
+        "pool": [(native.library(), "kt_openmp", lambda: 0)],
+    }[name]
+
+
 @contextmanager
 def before(fit: TranslatorFit, what=REWRITES):
     """The step with the named formulations put back (``REWRITES``, as listed above); ``pool``: the
     native kernels' threads in a Python pool, not OpenMP."""
-    task, lib = fit.groups[0].task, native.library()
-    saved = (ChannelSetTranslator._write, EdgeLayer.forward, native_ops.Dropout.forward, task.native, lib.kt_openmp,
-             LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, resnet.conv_bn_relu)
-    opt = fit.opt
-    banks = task.pre, task.outs, task.teacher
-    if "gather" in what or "banks" in what:
-        task_loss.gather_members = _gather_before
-    if "head" in what:
-        LastBlock.forward = _head_before
-    if "leak" in what:
-        resnet.relu_leaky_grad = _leak_before
-    if "write" in what:
-        ChannelSetTranslator._write = _write_before
-    if "edges" in what:
-        EdgeLayer.forward = _edge_layer_before
-    if "dropout" in what:
-        native_ops.Dropout.forward = torch.nn.Dropout.forward
-    if "banks" in what:
-        task.pre, task.outs, task.teacher = (t.as_subclass(_WholeBanks) for t in banks)
-    if "layout" in what:
-        task.native, task._nets = False, {}   # the networks are built again in the grouped layout
-    if "pool" in what:
-        lib.kt_openmp = lambda: 0
-    if "onednn" in what:
-        linear.available = lambda: False
-    if "mse" in what:
-        task_loss._Mse = _MseBefore
-    if "evalbn" in what:
-        resnet.conv_bn_relu = _conv_bn_relu_before
-    if "adam" in what:   # one for-each Adam per fit, kept across rounds (its state is allocated once)
-        if id(fit) not in _FOREACH:
-            _FOREACH[id(fit)] = torch.optim.Adam(fit.net.parameters(), lr=opt.defaults["lr"],
-                                                 weight_decay=opt.defaults["weight_decay"])
-        fit.opt = _FOREACH[id(fit)]
+    patches = [p for name in what for p in _patches(fit, name)]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    for owner, attr, value in patches:
+        setattr(owner, attr, value)
     try:
         yield
     finally:
-        (ChannelSetTranslator._write, EdgeLayer.forward, native_ops.Dropout.forward, native_layout, lib.kt_openmp,
-         LastBlock.forward, resnet.relu_leaky_grad, linear.available, task_loss._Mse, resnet.conv_bn_relu) = saved
-        task.pre, task.outs, task.teacher = banks
-        task_loss.gather_members = native_ops.gather_members
-        task.native, task._nets = native_layout, {}
-        fit.opt = opt
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
 
 
 def steps_per_s(fit: TranslatorFit, n: int, batch: int, start: int) -> float:
