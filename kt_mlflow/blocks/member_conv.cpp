@@ -66,19 +66,12 @@ inline void with_block(long n, F&& f) {
     }
 }
 
-// What the forward pass does to each output before storing it: add a per-channel shift (interleaved
-// (Co, K), or none), then ReLU or not. An eval-mode BN (its scale folded into the weights) and its ReLU
-// then cost no pass over memory of their own.
-template <typename T>
-struct Epilogue {
-    const T* shift = nullptr;
-    bool relu = false;
-};
-
 // ---- forward: OB outputs x P neighbouring positions in registers; lanes m .. m + |W| of the members.
+// With a per-channel shift (interleaved (Co, K)) each output is stored as relu(output + shift): an
+// eval-mode BN (its scale folded into the weights) and its ReLU then cost no pass over memory of their own.
 template <typename T, typename W, int OB, int P>
 inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b, long ho, long wo, long o0, long m,
-                         const Epilogue<T>& ep) {
+                         const T* shift) {
     W acc[P][OB];
     for (int p = 0; p < P; ++p)
         for (int o = 0; o < OB; ++o) acc[p][o] = W{};
@@ -118,10 +111,10 @@ inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b
         }
     }
     for (int o = 0; o < OB; ++o) {
-        const W shift = ep.shift ? load<W>(ep.shift + (o0 + o) * S.K + m) : W{};
+        const W sv = shift ? load<W>(shift + (o0 + o) * S.K + m) : W{};
         for (int p = 0; p < P; ++p) {
-            W v = ep.shift ? acc[p][o] + shift : acc[p][o];
-            if (ep.relu) v = v > W{} ? v : W{};
+            W v = acc[p][o];
+            if (shift) { v += sv; v = v > W{} ? v : W{}; }
             store(out + S.out_at(b, ho, wo + p, o0 + o) + m, v);
         }
     }
@@ -129,15 +122,15 @@ inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b
 
 template <typename T, typename W>
 struct Forward {
-    const Shape& S; const T* x; const T* wv; T* out; long b, o0, m; const Epilogue<T>& ep;
+    const Shape& S; const T* x; const T* wv; T* out; long b, o0, m; const T* shift;
     template <int OB> void run() {
         for (long ho = 0; ho < S.Ho; ++ho) {
             long wo = 0;
-            for (; wo + KT_P <= S.Wo; wo += KT_P) forward_tile<T, W, OB, KT_P>(S, x, wv, out, b, ho, wo, o0, m, ep);
+            for (; wo + KT_P <= S.Wo; wo += KT_P) forward_tile<T, W, OB, KT_P>(S, x, wv, out, b, ho, wo, o0, m, shift);
             // the row's last positions in one narrower tile (7 outputs: a tile of 4, then one of 3)
-            for (; wo + 3 <= S.Wo; wo += 3) forward_tile<T, W, OB, 3>(S, x, wv, out, b, ho, wo, o0, m, ep);
-            for (; wo + 2 <= S.Wo; wo += 2) forward_tile<T, W, OB, 2>(S, x, wv, out, b, ho, wo, o0, m, ep);
-            for (; wo < S.Wo; ++wo) forward_tile<T, W, OB, 1>(S, x, wv, out, b, ho, wo, o0, m, ep);
+            for (; wo + 3 <= S.Wo; wo += 3) forward_tile<T, W, OB, 3>(S, x, wv, out, b, ho, wo, o0, m, shift);
+            for (; wo + 2 <= S.Wo; wo += 2) forward_tile<T, W, OB, 2>(S, x, wv, out, b, ho, wo, o0, m, shift);
+            for (; wo < S.Wo; ++wo) forward_tile<T, W, OB, 1>(S, x, wv, out, b, ho, wo, o0, m, shift);
         }
     }
 };
@@ -226,9 +219,9 @@ inline void each_image_and_lanes(const Shape& S, Body&& body) {
 
 template <typename T>
 struct ForwardAll {
-    const Shape& S; const T* x; const T* wv; T* out; Epilogue<T> ep = {};
+    const Shape& S; const T* x; const T* wv; T* out; const T* shift = nullptr;
     template <typename W> void run(long b, long m) {
-        for (long o0 = 0; o0 < S.Co; o0 += KT_OB) with_block(S.Co - o0, Forward<T, W>{S, x, wv, out, b, o0, m, ep});
+        for (long o0 = 0; o0 < S.Co; o0 += KT_OB) with_block(S.Co - o0, Forward<T, W>{S, x, wv, out, b, o0, m, shift});
     }
 };
 
@@ -468,14 +461,14 @@ extern "C" int kt_openmp() {
             each_image_and_lanes<T>(P, ForwardAll<T>{P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0)}); \
         });                                                                                               \
     }                                                                                                     \
-    /* the forward pass with an epilogue: out = [relu](conv + shift), shift interleaved (Co, K) */        \
+    /* the forward pass with an epilogue: out = relu(conv + shift), shift interleaved (Co, K) */          \
     extern "C" void kt_conv_forward_ep_##suffix(const T* x, const T* wv, const T* shift, T* out, KT_SHAPE_ARGS, \
-                                                long relu, long threads) {                                 \
+                                                long threads) {                                            \
         const Shape S = KT_SHAPE;                                                                         \
         split_batch(B, threads, [&](long b0, long b1, long) {                                             \
             const Shape P = part_of(S, b0, b1);                                                           \
             each_image_and_lanes<T>(P, ForwardAll<T>{P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0), \
-                                                     Epilogue<T>{shift, relu != 0}});                      \
+                                                     shift});                                               \
         });                                                                                               \
     }                                                                                                     \
     /* gx must hold zeros (or what the gradient adds to) */                                               \

@@ -116,7 +116,7 @@ def library() -> Optional[ctypes.CDLL]:
     except OSError as e:
         return _without(f"{e} (set $KT_CACHE_DIR to a writable folder)")
     for suffix in _SUFFIX.values():
-        for name, pointers, longs in (("forward", 3, 11), ("forward_ep", 4, 12), ("backward_data", 3, 11),
+        for name, pointers, longs in (("forward", 3, 11), ("forward_ep", 4, 11), ("backward_data", 3, 11),
                                       ("backward_weight", 3, 11), ("pool_forward", 4, 16), ("pool_backward_weight", 4, 16)):
             fn = getattr(lib, f"kt_conv_{name}_{suffix}")
             fn.restype = None
@@ -211,17 +211,27 @@ def _conv_shape(x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int) -> 
     return b, h, w, ci, co, k, kernel, stride, (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
 
 
+def _forward(x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int, shift: Optional[torch.Tensor] = None):
+    """The forward kernel on channels-last ``x``: ``(x, out, shape)``; with ``shift``, ``relu(conv + shift)``
+    applied in the kernel's epilogue."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, stride)
+    out = torch.empty((b, co * k, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+    sizes = h * w * ci * k, ho * wo * co * k
+    if shift is None:
+        _call("forward", [(x, sizes[0]), (wv, 0), (out, sizes[1])], shape, False)
+    else:
+        _call("forward_ep", [(x, sizes[0]), (wv, 0), (shift, 0), (out, sizes[1])], shape, False)
+    return x, out, shape
+
+
 class _MemberConv(torch.autograd.Function):
     """``x`` interleaved channels-last ``(B, Ci*K, H, W)``, ``wv`` ``(T, Ci, Co, K)``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, stride)
-        out = torch.empty((b, co * k, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-        _call("forward", [(x, h * w * ci * k), (wv, 0), (out, ho * wo * co * k)], shape, False)
+        x, out, ctx.shape = _forward(x, wv, kernel, stride)
         ctx.save_for_backward(x, wv)
-        ctx.shape = shape
         return out
 
     @staticmethod
@@ -259,12 +269,8 @@ class _MemberConvShiftReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, stride: int, shift: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, stride)
-        out = torch.empty((b, co * k, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
-        _call("forward_ep", [(x, h * w * ci * k), (wv, 0), (shift, 0), (out, ho * wo * co * k)], (*shape, 1), False)
+        x, out, ctx.shape = _forward(x, wv, kernel, stride, shift)
         ctx.save_for_backward(x, wv, out)
-        ctx.shape = shape
         return out
 
     @staticmethod
