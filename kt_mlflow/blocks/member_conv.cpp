@@ -253,43 +253,53 @@ struct Pool {
     long k, s, p, Hp, Wp;
 };
 
-// Max over each window (row-major scan, the first maximum wins, as in torch's max_pool2d), and the
-// argmax as a position h * Wo + w of the conv output, stored in T (exact for any image size here).
+// Max over each window and the argmax as a position h * Wo + w of the conv output, stored in T (exact
+// for any image size here): the first maximum of a row-major scan wins, as in torch's max_pool2d. Done
+// separably: each conv row's leftmost maximum per window (into `rows`), then the topmost of a window's
+// rows, which is that same element; the windows' bounds are clipped once, not tested per element.
 template <typename T, typename W>
-inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m) {
-    const long K = S.K;
-    for (long ph = 0; ph < P.Hp; ++ph)
+inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m, T* rows) {
+    const long K = S.K, L = sizeof(W) / sizeof(T), half = S.Ho * P.Wp * S.Co * L;
+    for (long h = 0; h < S.Ho; ++h)
+        for (long pw = 0; pw < P.Wp; ++pw) {
+            const long j0 = std::max(0L, pw * P.s - P.p), j1 = std::min(S.Wo, pw * P.s - P.p + P.k);
+            for (long o = 0; o < S.Co; ++o) {
+                W best = load<W>(buf + ((h * S.Wo + j0) * S.Co + o) * K + m), where = W{} + T(h * S.Wo + j0);
+                for (long j = j0 + 1; j < j1; ++j) {
+                    const W v = load<W>(buf + ((h * S.Wo + j) * S.Co + o) * K + m);
+                    const auto up = v > best;
+                    best = up ? v : best;
+                    where = up ? W{} + T(h * S.Wo + j) : where;
+                }
+                const long at = ((h * P.Wp + pw) * S.Co + o) * L;
+                store(rows + at, best);
+                store(rows + half + at, where);
+            }
+        }
+    for (long ph = 0; ph < P.Hp; ++ph) {
+        const long i0 = std::max(0L, ph * P.s - P.p), i1 = std::min(S.Ho, ph * P.s - P.p + P.k);
         for (long pw = 0; pw < P.Wp; ++pw)
             for (long o = 0; o < S.Co; ++o) {
-                W best{}, where{};
-                bool any = false;
-                for (long i = 0; i < P.k; ++i) {
-                    const long h = ph * P.s - P.p + i;
-                    if (h < 0 || h >= S.Ho) continue;
-                    for (long j = 0; j < P.k; ++j) {
-                        const long w = pw * P.s - P.p + j;
-                        if (w < 0 || w >= S.Wo) continue;
-                        const W v = load<W>(buf + ((h * S.Wo + w) * S.Co + o) * K + m);
-                        const W pos = W{} + T(h * S.Wo + w);
-                        if (!any) {
-                            best = v, where = pos, any = true;
-                        } else {
-                            const auto up = v > best;
-                            best = up ? v : best;
-                            where = up ? pos : where;
-                        }
-                    }
+                const long first = ((i0 * P.Wp + pw) * S.Co + o) * L;
+                W best = load<W>(rows + first), where = load<W>(rows + half + first);
+                for (long i = i0 + 1; i < i1; ++i) {
+                    const long at = ((i * P.Wp + pw) * S.Co + o) * L;
+                    const W v = load<W>(rows + at);
+                    const auto up = v > best;
+                    best = up ? v : best;
+                    where = up ? load<W>(rows + half + at) : where;
                 }
                 const long at = (((b * P.Hp + ph) * P.Wp + pw) * S.Co + o) * K + m;
                 store(out + at, best);
                 store(arg + at, where);
             }
+    }
 }
 
 template <typename T>
 struct PoolAll {
-    const Shape& S; const Pool& P; const T* buf; T* out; T* arg; long b;
-    template <typename W> void run(long, long m) { max_pool_lanes<T, W>(S, P, buf, out, arg, b, m); }
+    const Shape& S; const Pool& P; const T* buf; T* out; T* arg; long b; T* rows;
+    template <typename W> void run(long, long m) { max_pool_lanes<T, W>(S, P, buf, out, arg, b, m, rows); }
 };
 
 template <typename T>
@@ -297,11 +307,13 @@ void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T
     Shape one = S;
     one.B = 1;
     T* buf = new T[S.Ho * S.Wo * S.Co * S.K];
+    T* rows = new T[2 * S.Ho * P.Wp * S.Co * KT_VBYTES / sizeof(T)];   // a lane chunk's row maxima and argmaxes
     for (long b = 0; b < S.B; ++b) {
         const T* xb = x + S.x_at(b, 0, 0, 0);
         each_image_and_lanes<T>(one, ForwardAll<T>{one, xb, wv, buf});
-        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b});
+        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b, rows});
     }
+    delete[] rows;
     delete[] buf;
 }
 
