@@ -46,7 +46,7 @@ SOURCE = Path(__file__).with_name("member_conv.cpp")
 # -fno-trapping-math: without it GCC keeps the BN, ReLU and leaky-gradient loops' compare-and-select as
 # branches (FP compares may trap), so on AVX2 they ran scalar, 12-18x slower; it changes no result.
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC")
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}   # the kernels' name suffix per dtype
 
 
 def interleave(x: torch.Tensor, members: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return _without(f"{e} (set $KT_CACHE_DIR to a writable folder)")
-    for suffix in _SUFFIX.values():
+    for suffix in DTYPES.values():
         for name, pointers, longs in (("forward", 3, 11), ("forward_ep", 4, 11), ("backward_data", 3, 11),
                                       ("backward_weight", 3, 11), ("pool_forward", 4, 16), ("pool_backward_weight", 4, 16)):
             fn = getattr(lib, f"kt_conv_{name}_{suffix}")
@@ -147,6 +147,11 @@ def _without(reason: str) -> None:
 
 def available() -> bool:
     return library() is not None
+
+
+def kernel(name: str, dtype: torch.dtype):
+    """The compiled function ``kt_{name}_{f32|f64}`` for ``dtype`` (the library must have built)."""
+    return getattr(library(), f"kt_{name}_{DTYPES[dtype]}")
 
 
 def use_native(kernels: str, device: torch.device, family: str = "", supported: bool = True) -> bool:
@@ -186,7 +191,7 @@ def _call(name: str, tensors: Sequence[Tuple[torch.Tensor, int]], shape: Sequenc
     on a pool of Python threads (ctypes frees the GIL). Both give the same results.
     """
     lib = library()
-    fn = getattr(lib, f"kt_conv_{name}_{_SUFFIX[tensors[-1][0].dtype]}")
+    fn = kernel(f"conv_{name}", tensors[-1][0].dtype)
     batch, rest = shape[0], tuple(shape[1:])
     threads = max(1, min(torch.get_num_threads(), batch))
     if threads == 1 or lib.kt_openmp():
@@ -320,8 +325,9 @@ def _lanes(weight: torch.Tensor, members: int) -> torch.Tensor:
     return weight.reshape(members, kc // members, ci, kh * kw).permute(3, 2, 1, 0).contiguous()
 
 
-def _check(x: torch.Tensor) -> None:
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX or not available():
+def check(x: torch.Tensor) -> None:
+    """Refuse what the kernels cannot run (another device or dtype, or no library)."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES or not available():
         raise RuntimeError("the native kernels run float32/float64 CPU tensors, once built (see available())")
 
 
@@ -331,7 +337,7 @@ def member_conv2d(x: torch.Tensor, weight: torch.Tensor, members: int, stride: i
     ``weight`` is the stacked layer's own ``(members*Co, Ci, k, k)`` (member major), so parameters,
     state dicts and optimisers are the same in both layouts. Output: interleaved ``(B, Co*members, Ho, Wo)``.
     """
-    _check(x)
+    check(x)
     return _MemberConv.apply(x, _lanes(weight, members), weight.shape[-1], stride)
 
 
@@ -340,7 +346,7 @@ def member_conv2d_shift_relu(x: torch.Tensor, weight: torch.Tensor, members: int
     """``relu(member_conv2d(x, weight, members, stride) + shift)``, ``shift`` ``(Co*members,)`` in the
     interleaved channel order, in one pass: the shift and ReLU in the conv's epilogue (an eval-mode BN
     folded into ``weight`` and its ReLU). The gradient goes to ``x`` only."""
-    _check(x)
+    check(x)
     if weight.requires_grad or shift.requires_grad:
         raise RuntimeError("member_conv2d_shift_relu passes no gradient to the weight or the shift")
     return _MemberConvShiftReLU.apply(x, _lanes(weight, members), weight.shape[-1], stride,
@@ -368,5 +374,5 @@ def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,
                            pool: Tuple[int, int, int] = (3, 2, 1)) -> torch.Tensor:
     """``max_pool2d(member_conv2d(x, weight, members), *pool)`` without the full-resolution tensor in
     memory (``pool`` = kernel, stride, padding). Gradients reach ``weight`` only, not ``x``."""
-    _check(x)
+    check(x)
     return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool))

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..errors import KTError
-from .native import _SUFFIX, _check, available, library
+from .native import DTYPES, available, check, kernel, library
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -26,13 +26,13 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def _bn_call(name: str, z: torch.Tensor, *tensors: Optional[torch.Tensor]) -> None:
     n, c = z.numel() // z.shape[1], z.shape[1]
     threads = max(1, min(torch.get_num_threads(), n // 4096))
-    getattr(library(), f"kt_{name}_{_SUFFIX[z.dtype]}")(*(_ptr(t) for t in (z, *tensors)), n, c, threads)
+    kernel(name, z.dtype)(*(_ptr(t) for t in (z, *tensors)), n, c, threads)
 
 
 def batch_stats(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of channels-last ``(B, C, H, W)``, in one pass (double
     sums), in ``z``'s dtype; no gradient."""
-    _check(z)
+    check(z)
     z = z.detach().contiguous(memory_format=torch.channels_last)
     c, count = z.shape[1], z.numel() // z.shape[1]
     s1, s2 = (torch.empty(c, dtype=torch.float64) for _ in range(2))
@@ -88,7 +88,7 @@ def batch_norm_relu(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     two backward, where BN and ReLU take four and three. Returns ``(y, batch mean, biased batch variance)``;
     the running statistics are the caller's. Float32/float64 CPU tensors, once the library is built.
     """
-    _check(z)
+    check(z)
     z = z.contiguous(memory_format=torch.channels_last)
     return _BatchNormReLU.apply(z, weight.to(z.dtype).contiguous(), bias.to(z.dtype).contiguous(), eps)
 
@@ -96,7 +96,7 @@ def batch_norm_relu(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 def leaky_relu_grad(z: torch.Tensor, g: torch.Tensor, slope: float) -> torch.Tensor:
     """The gradient of ReLU with ``slope`` below zero, in one pass: ``g`` where ``z > 0``, ``slope * g``
     where ``z < 0``, 0 where ``z == 0``. ``z`` dense (contiguous or channels-last); ``g`` is laid out as it."""
-    _check(z)
+    check(z)
     fmt = torch.channels_last if z.dim() == 4 and not z.is_contiguous() else torch.contiguous_format
     if not z.is_contiguous(memory_format=fmt):
         raise RuntimeError("leaky_relu_grad takes a contiguous or channels-last z")
@@ -104,7 +104,7 @@ def leaky_relu_grad(z: torch.Tensor, g: torch.Tensor, slope: float) -> torch.Ten
     out = torch.empty_like(z, memory_format=fmt)
     n = z.numel()
     threads = max(1, min(torch.get_num_threads(), n // 16384))
-    getattr(library(), f"kt_leaky_grad_{_SUFFIX[z.dtype]}")(z.data_ptr(), g.data_ptr(), slope, out.data_ptr(), n, threads)
+    kernel("leaky_grad", z.dtype)(z.data_ptr(), g.data_ptr(), slope, out.data_ptr(), n, threads)
     return out
 
 
@@ -123,7 +123,7 @@ def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, s
     """
     r, b, c, h, w = bank.shape
     k, n = len(rows), len(pick)
-    if bank.dtype not in _SUFFIX or bank.device.type != "cpu":
+    if bank.dtype not in DTYPES or bank.device.type != "cpu":
         raise KTError(f"gather_members takes float32 or float64 CPU banks, got {bank.dtype} on {bank.device}.")
     bank, rows, pick = bank.contiguous(), rows.to(torch.long).contiguous(), pick.to(torch.long).contiguous()
     if k and n and not (0 <= int(rows.min()) and int(rows.max()) < r and 0 <= int(pick.min()) and int(pick.max()) < b):
@@ -131,7 +131,7 @@ def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, s
     affine = [None if v is None else v.to(bank.dtype).expand(k, c).contiguous() for v in (scale, shift)]
     out = torch.empty((n, h, w, c, k), dtype=bank.dtype)
     threads = max(1, min(torch.get_num_threads(), n))
-    getattr(library(), f"kt_gather_members_{_SUFFIX[bank.dtype]}")(
+    kernel("gather_members", bank.dtype)(
         bank.data_ptr(), rows.data_ptr(), pick.data_ptr(), *(0 if v is None else v.data_ptr() for v in affine),
         out.data_ptr(), b, c, h * w, k, n, int(relu), threads)
     return out.view(n, h, w, c * k).permute(0, 3, 1, 2)

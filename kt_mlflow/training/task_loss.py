@@ -152,7 +152,7 @@ class TaskLoss:
         student = functional_call(net.last, last, (out,), {"subsampled": True})
         if large is None:
             target = self._gathered(self.outs, idx, pick)
-            teacher = self.teacher[idx[:, None], pick[None, :]].transpose(0, 1).reshape(n_images * k, -1)
+            teacher = _entries(self.teacher, idx, pick).transpose(0, 1).reshape(n_images * k, -1)
         else:
             with torch.no_grad():
                 target = functional_call(self._teacher_block(k), fold_members(large), (feats,), {"stride": self.stride})
@@ -167,7 +167,7 @@ class TaskLoss:
         block's output, its BN affine perturbed by ``scale``/``shift`` ``(k, C)`` (or not: None)."""
         if self.banked and self.native:   # the conv families' begin block: ReLU (BeginBlock.activate)
             return gather_members(self.pre, idx, pick, scale, shift, relu=True)
-        pre = self.pre[idx[:, None], pick[None, :]] if self.banked else self._preactivation(idx, self.x[pick])
+        pre = _entries(self.pre, idx, pick) if self.banked else self._preactivation(idx, self.x[pick])
         if scale is not None:
             pre = pre * scale[:, None, :, None, None] + shift[:, None, :, None, None]
         return _members(self._base(len(idx)).begin.activate(pre), self.native)
@@ -176,7 +176,7 @@ class TaskLoss:
         """Bank entries of pairs ``idx`` for images ``pick`` in the networks' layout (k x n entries, not k banks)."""
         if self.native:
             return gather_members(bank, idx, pick)
-        return _members(bank[idx[:, None], pick[None, :]], self.native)
+        return _members(_entries(bank, idx, pick), self.native)
 
     def _noise(self, shape: Tuple[int, ...], gen: torch.Generator, part: Part) -> torch.Tensor:
         return batch_noise(shape, gen, part).to(self.device)
@@ -199,6 +199,11 @@ class _Mse(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         (d,) = ctx.saved_tensors
         return d * (2 * g / d.numel()), None
+
+
+def _entries(bank: torch.Tensor, idx: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """A per-pair bank's entries for pairs ``idx`` and images ``pick``: ``(len(idx), len(pick), ...)``."""
+    return bank[idx[:, None], pick[None, :]]
 
 
 def _members(t: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
