@@ -76,3 +76,37 @@ def test_a_protocol_mixture_trains_each_shard_by_its_drawn_protocol(tmp_path):
             assert torch.equal(value[i], pure[name].tensors[key][i]), (i, name, key)
     with pytest.raises(Exception, match="'other_seeds' is no training protocol of a pair"):
         GenerateConfig(protocols="base,other_seeds").validate()
+
+
+def test_patch_moments_are_kept_for_the_same_images_only(monkeypatch):
+    from kt_mlflow import engine
+
+    begin = create_family("paper_mnist").begin(2)
+    made = []
+    monkeypatch.setattr(begin, "patch_moments", lambda images: made.append(len(images)) or (images.sum(), images.clone()))
+    x = torch.randn(6, 1, 28, 28)
+    flipped = torch.cat([x, x.flip(-1)])
+    first = engine._moments(begin, x, flipped)
+    assert engine._moments(begin, x, torch.cat([x, x.flip(-1)])) is first and len(made) == 1   # kept
+    engine._moments(begin, x, x)                                   # without flips: another table
+    x.mul_(2)                                                      # the same tensor, new values
+    again = engine._moments(begin, x, torch.cat([x, x.flip(-1)]))
+    assert len(made) == 3 and torch.equal(again[1], torch.cat([x, x.flip(-1)]))
+    other = x.clone()                                              # the same values, another dataset
+    engine._moments(begin, other, other)
+    assert len(made) == 4
+    del x, other, again, first
+    import gc
+    gc.collect()
+    assert engine._MOMENTS == {}                                   # freed with its dataset
+
+
+def test_a_second_shard_in_one_process_trains_as_the_first():
+    family, data = create_family("paper_mnist"), _float64_digits(64)
+    schedule = PairSchedule(epochs=1, small_epochs=1, batch_size=32)
+    first = train_pairs(family, [1, 2], data, schedule, torch.device("cpu"), kernels="torch")
+    second = train_pairs(family, [1, 2], data, schedule, torch.device("cpu"), kernels="torch")  # kept moments
+    for part in ("begin", "large", "last", "small"):
+        for a, b in zip(first[part], second[part]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(first["base_acc"], second["base_acc"])
