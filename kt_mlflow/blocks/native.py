@@ -44,7 +44,7 @@ KERNELS = ("auto", "native", "torch")
 
 SOURCE = Path(__file__).with_name("member_conv.cpp")
 # -fno-trapping-math: without it GCC keeps the BN, ReLU and leaky-gradient loops' compare-and-select as
-# branches (FP compares may trap), so on AVX2 they ran scalar, 12-18x slower; it changes no result.
+# branches (FP compares may trap), so on AVX2 they ran scalar, 16x to 18x slower; it changes no result.
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}   # the kernels' name suffix per dtype
 
