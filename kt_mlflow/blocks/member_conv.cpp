@@ -45,6 +45,17 @@ inline W load(const T* p) { W v; std::memcpy(&v, p, sizeof(W)); return v; }
 template <typename W, typename T>
 inline void store(T* p, W v) { std::memcpy(p, &v, sizeof(W)); }
 
+// Keeps a loaded vector in a register: without it GCC folds the load into every multiply-add that uses
+// the value (a tile of P positions then loads each weight P times, and the loads, not the FMAs, limit).
+template <typename W>
+inline void in_register(W& v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __asm__("" : "+v"(v));
+#else
+    (void)v;
+#endif
+}
+
 struct Shape {
     long B, H, W, Ci, Co, K, k, s, Ho, Wo;
     long pad() const { return k / 2; }
@@ -88,7 +99,7 @@ inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b
             const T* wp = wv + S.w_at(dh * S.k, 0, o0) + m;
             for (long j = 0; j < S.k * S.Ci; ++j, xp += K, wp += wstep) {
                 W w[OB];
-                for (int o = 0; o < OB; ++o) w[o] = load<W>(wp + o * K);
+                for (int o = 0; o < OB; ++o) { w[o] = load<W>(wp + o * K); in_register(w[o]); }
                 for (int p = 0; p < P; ++p) {
                     const W xv = load<W>(xp + p * xstep);
                     for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
@@ -96,15 +107,18 @@ inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b
             }
             continue;
         }
+        const long K = S.K, xcol = S.Ci * K;
+        const T* xrow = x + S.x_at(b, hi, 0, 0) + m;
+        const T* wp = wv + S.w_at(dh * S.k, 0, o0) + m;
         for (long dw = 0; dw < S.k; ++dw) {
             const long wi0 = wo * S.s + dw - S.pad();
-            for (long i = 0; i < S.Ci; ++i) {
+            for (long i = 0; i < S.Ci; ++i, wp += S.Co * K) {
                 W w[OB];
-                for (int o = 0; o < OB; ++o) w[o] = load<W>(wv + S.w_at(dh * S.k + dw, i, o0 + o) + m);
+                for (int o = 0; o < OB; ++o) { w[o] = load<W>(wp + o * K); in_register(w[o]); }
                 for (int p = 0; p < P; ++p) {
                     const long wi = wi0 + p * S.s;
                     if (wi < 0 || wi >= S.W) continue;
-                    const W xv = load<W>(x + S.x_at(b, hi, wi, i) + m);
+                    const W xv = load<W>(xrow + wi * xcol + i * K);
                     for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
                 }
             }
@@ -175,15 +189,18 @@ struct BackwardWeightTile {
         long lo = 0, hi_w = S.Wo;
         while (lo < hi_w && lo * S.s + dw - S.pad() < 0) ++lo;
         while (hi_w > lo && (hi_w - 1) * S.s + dw - S.pad() >= S.W) --hi_w;
+        // pointers stepped per position: index arithmetic per load was costing as much as the FMAs
+        const long K = S.K, gstep = S.Co * K, xstep = S.s * S.Ci * K;
         for (long ho = 0; ho < S.Ho; ++ho) {
             const long hi = ho * S.s + dh - S.pad();
             if (hi < 0 || hi >= S.H) continue;
-            for (long wo = lo; wo < hi_w; ++wo) {
-                const long wi = wo * S.s + dw - S.pad();
+            const T* gp = g + S.out_at(b, ho, lo, o0) + m;
+            const T* xp = x + S.x_at(b, hi, lo * S.s + dw - S.pad(), i0) + m;
+            for (long wo = lo; wo < hi_w; ++wo, gp += gstep, xp += xstep) {
                 W gv[OB];
-                for (int o = 0; o < OB; ++o) gv[o] = load<W>(g + S.out_at(b, ho, wo, o0 + o) + m);
+                for (int o = 0; o < OB; ++o) gv[o] = load<W>(gp + o * K);
                 for (int i = 0; i < IB; ++i) {
-                    const W xv = load<W>(x + S.x_at(b, hi, wi, i0 + i) + m);
+                    const W xv = load<W>(xp + i * K);
                     for (int o = 0; o < OB; ++o) acc[i][o] += xv * gv[o];
                 }
             }
@@ -192,6 +209,54 @@ struct BackwardWeightTile {
             for (int o = 0; o < OB; ++o) {
                 T* p = gw + S.w_at(t, i0 + i, o0 + o) + m;
                 store(p, load<W>(p) + acc[i][o]);
+            }
+    }
+};
+
+// With one input channel (the first block) a tile of input channels holds a single one, and each output
+// position then costs OB + 1 loads for OB multiply-adds. Instead DB neighbouring taps of one kernel row
+// share a tile: DB x OB accumulators, OB + DB loads per position. Each accumulator still sums the same
+// products in the same (row-major) order as the one-tap tile, so the gradient has the same bits.
+template <typename T, typename W, int DB>
+struct BackwardWeightRowTile {
+    const Shape& S; const T* x; const T* g; T* gw; long b, dh, dw0, o0, m;
+    template <int OB> void run() {
+        W acc[DB][OB];
+        for (int d = 0; d < DB; ++d)
+            for (int o = 0; o < OB; ++o) acc[d][o] = W{};
+        // output columns whose every tap of the block reads inside the image: [lo, hi)
+        long lo = 0, hi = S.Wo;
+        while (lo < hi && lo * S.s + dw0 - S.pad() < 0) ++lo;
+        while (hi > lo && (hi - 1) * S.s + dw0 + DB - 1 - S.pad() >= S.W) --hi;
+        const long K = S.K, gstep = S.Co * K;   // one input channel: an input column is K values
+        for (long ho = 0; ho < S.Ho; ++ho) {
+            const long hr = ho * S.s + dh - S.pad();
+            if (hr < 0 || hr >= S.H) continue;
+            const T* grow = g + S.out_at(b, ho, 0, o0) + m;
+            const T* xrow = x + S.x_at(b, hr, 0, 0) + m;
+            for (long wo = 0; wo < S.Wo; ++wo) {
+                W gv[OB];
+                for (int o = 0; o < OB; ++o) { gv[o] = load<W>(grow + wo * gstep + o * K); in_register(gv[o]); }
+                const long wi0 = wo * S.s + dw0 - S.pad();
+                if (wo >= lo && wo < hi) {
+                    const T* xp = xrow + wi0 * K;
+                    for (int d = 0; d < DB; ++d) {
+                        const W xv = load<W>(xp + d * K);
+                        for (int o = 0; o < OB; ++o) acc[d][o] += xv * gv[o];
+                    }
+                    continue;
+                }
+                for (int d = 0; d < DB; ++d) {
+                    if (wi0 + d < 0 || wi0 + d >= S.W) continue;
+                    const W xv = load<W>(xrow + (wi0 + d) * K);
+                    for (int o = 0; o < OB; ++o) acc[d][o] += xv * gv[o];
+                }
+            }
+        }
+        for (int d = 0; d < DB; ++d)
+            for (int o = 0; o < OB; ++o) {
+                T* p = gw + S.w_at(dh * S.k + dw0 + d, 0, o0 + o) + m;
+                store(p, load<W>(p) + acc[d][o]);
             }
     }
 };
@@ -237,6 +302,17 @@ template <typename T>
 struct BackwardWeightAll {
     const Shape& S; const T* x; const T* g; T* gw;
     template <typename W> void run(long b, long m) {
+        if (S.Ci == 1) {
+            for (long dh = 0; dh < S.k; ++dh)
+                for (long dw0 = 0; dw0 < S.k; dw0 += 3)
+                    for (long o0 = 0; o0 < S.Co; o0 += KT_OB) {
+                        const long n = std::min<long>(3, S.k - dw0);
+                        if (n == 3) with_block(S.Co - o0, BackwardWeightRowTile<T, W, 3>{S, x, g, gw, b, dh, dw0, o0, m});
+                        else if (n == 2) with_block(S.Co - o0, BackwardWeightRowTile<T, W, 2>{S, x, g, gw, b, dh, dw0, o0, m});
+                        else with_block(S.Co - o0, BackwardWeightRowTile<T, W, 1>{S, x, g, gw, b, dh, dw0, o0, m});
+                    }
+            return;
+        }
         for (long t = 0; t < S.k * S.k; ++t)
             for (long i0 = 0; i0 < S.Ci; i0 += KT_IB) {
                 const long n = std::min<long>(KT_IB, S.Ci - i0);
