@@ -335,40 +335,41 @@ struct Pool {
 // rows, which is that same element; the windows' bounds are clipped once, not tested per element.
 template <typename T, typename W>
 inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m, T* rows) {
-    const long K = S.K, L = sizeof(W) / sizeof(T), half = S.Ho * P.Wp * S.Co * L;
+    const long K = S.K, L = sizeof(W) / sizeof(T), C = S.Co, half = S.Ho * P.Wp * C * L;
     for (long h = 0; h < S.Ho; ++h)
         for (long pw = 0; pw < P.Wp; ++pw) {
             const long j0 = std::max(0L, pw * P.s - P.p), j1 = std::min(S.Wo, pw * P.s - P.p + P.k);
-            for (long o = 0; o < S.Co; ++o) {
-                W best = load<W>(buf + ((h * S.Wo + j0) * S.Co + o) * K + m), where = W{} + T(h * S.Wo + j0);
-                for (long j = j0 + 1; j < j1; ++j) {
-                    const W v = load<W>(buf + ((h * S.Wo + j) * S.Co + o) * K + m);
+            const T* col = buf + (h * S.Wo + j0) * C * K + m;         // channel 0 of the window's first column
+            T* best_at = rows + (h * P.Wp + pw) * C * L;
+            for (long o = 0; o < C; ++o) {
+                W best = load<W>(col + o * K), where = W{} + T(h * S.Wo + j0);
+                for (long j = 1; j < j1 - j0; ++j) {
+                    const W v = load<W>(col + (j * C + o) * K);
                     const auto up = v > best;
                     best = up ? v : best;
-                    where = up ? W{} + T(h * S.Wo + j) : where;
+                    where = up ? W{} + T(h * S.Wo + j0 + j) : where;
                 }
-                const long at = ((h * P.Wp + pw) * S.Co + o) * L;
-                store(rows + at, best);
-                store(rows + half + at, where);
+                store(best_at + o * L, best);
+                store(best_at + half + o * L, where);
             }
         }
+    const long row = P.Wp * C * L;   // one conv row's maxima in `rows`
     for (long ph = 0; ph < P.Hp; ++ph) {
         const long i0 = std::max(0L, ph * P.s - P.p), i1 = std::min(S.Ho, ph * P.s - P.p + P.k);
-        for (long pw = 0; pw < P.Wp; ++pw)
-            for (long o = 0; o < S.Co; ++o) {
-                const long first = ((i0 * P.Wp + pw) * S.Co + o) * L;
-                W best = load<W>(rows + first), where = load<W>(rows + half + first);
-                for (long i = i0 + 1; i < i1; ++i) {
-                    const long at = ((i * P.Wp + pw) * S.Co + o) * L;
-                    const W v = load<W>(rows + at);
-                    const auto up = v > best;
-                    best = up ? v : best;
-                    where = up ? load<W>(rows + half + at) : where;
-                }
-                const long at = (((b * P.Hp + ph) * P.Wp + pw) * S.Co + o) * K + m;
-                store(out + at, best);
-                store(arg + at, where);
+        T* o_at = out + ((b * P.Hp + ph) * P.Wp * C) * K + m;
+        T* a_at = arg + ((b * P.Hp + ph) * P.Wp * C) * K + m;
+        for (long q = 0; q < P.Wp * C; ++q) {                      // (pw, o) pairs, consecutive in both
+            const T* first = rows + i0 * row + q * L;
+            W best = load<W>(first), where = load<W>(first + half);
+            for (long i = 1; i < i1 - i0; ++i) {
+                const W v = load<W>(first + i * row);
+                const auto up = v > best;
+                best = up ? v : best;
+                where = up ? load<W>(first + i * row + half) : where;
             }
+            store(o_at + q * K, best);
+            store(a_at + q * K, where);
+        }
     }
 }
 
