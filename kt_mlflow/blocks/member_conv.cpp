@@ -189,7 +189,7 @@ struct BackwardWeightTile {
         long lo = 0, hi_w = S.Wo;
         while (lo < hi_w && lo * S.s + dw - S.pad() < 0) ++lo;
         while (hi_w > lo && (hi_w - 1) * S.s + dw - S.pad() >= S.W) --hi_w;
-        // pointers stepped per position: index arithmetic per load was costing as much as the FMAs
+        // pointers stepped per position: index arithmetic (multiplies) per load would compete with the FMAs
         const long K = S.K, gstep = S.Co * K, xstep = S.s * S.Ci * K;
         for (long ho = 0; ho < S.Ho; ++ho) {
             const long hi = ho * S.s + dh - S.pad();
@@ -215,8 +215,8 @@ struct BackwardWeightTile {
 
 // With one input channel (the first block) a tile of input channels holds a single one, and each output
 // position then costs OB + 1 loads for OB multiply-adds. Instead DB neighbouring taps of one kernel row
-// share a tile: DB x OB accumulators, OB + DB loads per position. Each accumulator still sums the same
-// products in the same (row-major) order as the one-tap tile, so the gradient has the same bits.
+// share a tile: DB x OB accumulators, OB + DB loads per position. Each accumulator sums the same products
+// in the same (row-major) order as a one-tap tile, so both tilings give the same bits.
 template <typename T, typename W, int DB>
 struct BackwardWeightRowTile {
     const Shape& S; const T* x; const T* g; T* gw; long b, dh, dw0, o0, m;
