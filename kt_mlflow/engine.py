@@ -157,20 +157,34 @@ def train_members(
 @torch.inference_mode()
 def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: int, chunk: int = 256) -> torch.Tensor:
     """Test accuracy (in %) of each member of a stacked network on the same images."""
-    modes = [(m, m.training) for m in net.modules()]   # per module: a frozen part stays in eval mode
-    net.eval()
-    correct = torch.zeros(members, device=x.device)
+    return shared_begin_accuracy([net], x, y, members, chunk)[0]
+
+
+@torch.inference_mode()
+def shared_begin_accuracy(nets: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, members: int,
+                          chunk: int = 256) -> List[torch.Tensor]:
+    """``accuracy_members`` of stacked networks that share one begin block (the same module): its output
+    is computed once per chunk for all of them.
+
+    Example:
+        >>> base_acc, small_acc = shared_begin_accuracy([base, compressed], tx, ty, 16)  # doctest: +SKIP
+    """
+    if any(n.begin is not nets[0].begin for n in nets):
+        raise ValueError("shared_begin_accuracy needs networks that share one begin block")
+    modes = [(m, m.training) for n in nets for m in n.modules()]   # per module: a frozen part stays in eval mode
+    for n in nets:
+        n.eval()
+    correct = [torch.zeros(members, device=x.device) for _ in nets]
     # Small chunks keep activations in cache on a CPU; the heap keeps their pages between chunks.
     with _KeepHeap():
         for start in range(0, len(x), chunk):
-            xb = x[start: start + chunk]
-            out = net(net.stack_input(xb[:, None].expand(-1, members, -1, -1, -1)))
-            pred = out.view(len(xb), members, -1).argmax(-1)  # (b, K)
-            correct += (pred == y[start: start + chunk, None]).sum(0)
+            xb, yb = x[start: start + chunk], y[start: start + chunk, None]
+            begin = nets[0].begin(nets[0].stack_input(xb[:, None].expand(-1, members, -1, -1, -1)))
+            for n, c in zip(nets, correct):
+                c += (n.tail(begin).view(len(xb), members, -1).argmax(-1) == yb).sum(0)   # (b, K) hits
     for module, training in modes:
         module.training = training
-    return correct * 100.0 / len(x)
-
+    return [c * 100.0 / len(x) for c in correct]
 
 
 @torch.no_grad()

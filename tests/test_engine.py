@@ -54,6 +54,27 @@ def test_measuring_accuracy_leaves_every_modules_mode_as_it_was():
     assert {name: m.training for name, m in net.named_modules()} == before and not net.begin.training
 
 
+@pytest.mark.parametrize("kernels", ["torch", "native"])
+def test_networks_sharing_a_begin_block_are_measured_as_each_alone(kernels):
+    from kt_mlflow.blocks.layers import set_interleaved
+    from kt_mlflow.engine import accuracy_members, shared_begin_accuracy
+
+    family, data = create_family("paper_mnist"), load_dataset("digits")
+    torch.manual_seed(0)
+    base = set_interleaved(family.base_network(3), kernels == "native").to(memory_format=torch.channels_last)
+    small = family.small_block(3).to(memory_format=torch.channels_last)
+    comp = set_interleaved(type(base)(base.begin, small, base.last, 3), kernels == "native")
+    base.train()
+    comp.block.train()
+    x, y = data.test_x[:300], data.test_y[:300]   # chunks of 128: a short last one
+    both = shared_begin_accuracy([base, comp], x, y, 3, chunk=128)
+    alone = [accuracy_members(net, x, y, 3, chunk=128) for net in (base, comp)]
+    assert all(torch.equal(a, b) for a, b in zip(both, alone)) and not torch.equal(both[0], both[1])
+    assert base.training and comp.block.training   # modes come back
+    with pytest.raises(ValueError, match="share one begin block"):
+        shared_begin_accuracy([base, family.compressed_network(3)], x, y, 3)
+
+
 def test_a_protocol_mixture_trains_each_shard_by_its_drawn_protocol(tmp_path):
     from kt_mlflow.pairs.generate import generate_pairs, shard_protocol
     from kt_mlflow.pairs.store import load_split, sidecars

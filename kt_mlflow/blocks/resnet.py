@@ -227,7 +227,10 @@ class KTNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """``moments``: the batch's input patch moments, for the begin block's exact BN shortcut."""
-        begin = self.begin(x) if moments is None else self.begin(x, moments)
+        return self.tail(self.begin(x) if moments is None else self.begin(x, moments))
+
+    def tail(self, begin: torch.Tensor) -> torch.Tensor:
+        """block -> last on the begin block's output (networks sharing a begin block share its output)."""
         if not getattr(self.block, "takes_stride", False):  # any module, e.g. nn.Identity for "block removed"
             return self.last(self.block(begin))
         # The last block reads every stride-th position only, so the block computes no others.

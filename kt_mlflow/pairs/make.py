@@ -11,7 +11,7 @@ from ..blocks import BlockFamily, stack_states, unstack_state
 from ..blocks.layers import set_interleaved
 from ..blocks.native import use_native
 from ..config import PairSchedule
-from ..engine import accuracy_members, train_members
+from ..engine import shared_begin_accuracy, train_members
 
 
 def train_pairs(
@@ -40,7 +40,6 @@ def train_pairs(
     base.load_state_dict(stack_states([b for b, _ in inits]))
     base = set_interleaved(base, native).to(device, dtype=x.dtype, memory_format=torch.channels_last).train()
     train_members(base, base.parameters(), x, y, seeds, 0, schedule.epochs, schedule, bar)
-    base_acc = accuracy_members(base, tx, ty, k)
 
     # Step 3: begin and last frozen (parameters and BN statistics); only the small block learns.
     small = family.small_block(k)
@@ -51,7 +50,9 @@ def train_pairs(
         frozen.eval().requires_grad_(False)
     comp.block.train()
     train_members(comp, comp.block.parameters(), x, y, seeds, 1, schedule.small_epochs, schedule, bar)
-    small_acc = accuracy_members(comp, tx, ty, k)
+    # The base network is measured here, not before step 3: nothing of it changed since (begin and last
+    # frozen in eval mode, the large block untouched), and both networks then share the begin's output.
+    base_acc, small_acc = shared_begin_accuracy([base, comp], tx, ty, k)
 
     def split(module: nn.Module) -> List[Dict[str, torch.Tensor]]:
         return unstack_state({n: t.detach().cpu().contiguous() for n, t in module.state_dict().items()}, k)
