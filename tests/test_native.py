@@ -102,6 +102,25 @@ def test_openmp_threads_and_python_threads_give_the_same_results(monkeypatch):
         assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("members,cout,size", [(16, 6, 28), (19, 3, 13)])
+def test_fused_conv_max_pool_shift_relu_equals_its_parts(members, cout, size):
+    torch.manual_seed(1)
+    x = torch.randn(3, members, size, size, dtype=torch.float64)
+    x[0, :, :8] = 0
+    w = torch.randn(members * cout, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(members * cout, dtype=torch.float64, requires_grad=True)   # member-major, as the layer's
+    ref = F.relu(F.max_pool2d(F.conv2d(x, w, None, 1, 1, groups=members), 3, 2, 1) + shift[:, None, None])
+    assert 0 < (ref == 0).double().mean() < 1   # the ReLU both passes and blocks
+    g = torch.randn_like(ref)
+    gw, gs = torch.autograd.grad(ref, (w, shift), g)
+    order = interleave(torch.arange(members * cout)[None, :, None, None], members).flatten()
+    out = native.member_conv2d_max_pool(interleave(x, members), w, members, (3, 2, 1), shift[order])
+    gwi, gsi = torch.autograd.grad(out, (w, shift), interleave(g, members))
+    torch.testing.assert_close(deinterleave(out, members), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gwi, gw, rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(gsi, gs, rtol=1e-12, atol=1e-11)
+
 @pytest.mark.parametrize("members,cin,cout,kernel,stride,size", [(3, 6, 6, 3, 1, 14), (19, 6, 3, 3, 2, 13), (16, 6, 12, 1, 1, 7)])
 def test_member_conv_shift_relu_equals_conv_then_shift_then_relu(members, cin, cout, kernel, stride, size):
     """The conv with its epilogue (a per-channel shift, then ReLU) equals ``relu(conv + shift)`` in

@@ -334,7 +334,8 @@ struct Pool {
 // separably: each conv row's leftmost maximum per window (into `rows`), then the topmost of a window's
 // rows, which is that same element; the windows' bounds are clipped once, not tested per element.
 template <typename T, typename W>
-inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m, T* rows) {
+inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m, T* rows,
+                           const T* shift) {
     const long K = S.K, L = sizeof(W) / sizeof(T), C = S.Co, half = S.Ho * P.Wp * C * L;
     for (long h = 0; h < S.Ho; ++h)
         for (long pw = 0; pw < P.Wp; ++pw) {
@@ -367,6 +368,10 @@ inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, 
                 best = up ? v : best;
                 where = up ? load<W>(first + i * row + half) : where;
             }
+            if (shift) {   // relu(max + shift): the first block's folded BN shift and its ReLU
+                best += load<W>(shift + q % C * K + m);
+                best = best > W{} ? best : W{};
+            }
             store(o_at + q * K, best);
             store(a_at + q * K, where);
         }
@@ -375,12 +380,12 @@ inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, 
 
 template <typename T>
 struct PoolAll {
-    const Shape& S; const Pool& P; const T* buf; T* out; T* arg; long b; T* rows;
-    template <typename W> void run(long, long m) { max_pool_lanes<T, W>(S, P, buf, out, arg, b, m, rows); }
+    const Shape& S; const Pool& P; const T* buf; T* out; T* arg; long b; T* rows; const T* shift;
+    template <typename W> void run(long, long m) { max_pool_lanes<T, W>(S, P, buf, out, arg, b, m, rows, shift); }
 };
 
 template <typename T>
-void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T* out, T* arg) {
+void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T* out, T* arg, const T* shift) {
     Shape one = S;
     one.B = 1;
     T* buf = new T[S.Ho * S.Wo * S.Co * S.K];
@@ -388,7 +393,7 @@ void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T
     for (long b = 0; b < S.B; ++b) {
         const T* xb = x + S.x_at(b, 0, 0, 0);
         each_image_and_lanes<T>(one, ForwardAll<T>{one, xb, wv, buf});
-        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b, rows});
+        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b, rows, shift});
     }
     delete[] rows;
     delete[] buf;
@@ -576,15 +581,22 @@ extern "C" int kt_openmp() {
             each_image_and_lanes<T>(P, BackwardWeightAll<T>{P, x + S.x_at(b0, 0, 0, 0), g + S.out_at(b0, 0, 0, 0), into}); \
         });                                                                                               \
     }                                                                                                     \
-    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward */    \
-    extern "C" void kt_conv_pool_forward_##suffix(const T* x, const T* wv, T* out, T* arg, KT_SHAPE_ARGS, \
-                                                  long pk, long ps, long pp, long Hp, long Wp, long threads) { \
+    /* out = relu(max-pool(conv) + shift) with shift interleaved (Co, K), or the max-pool alone (null) */ \
+    extern "C" void kt_conv_pool_forward_ep_##suffix(const T* x, const T* wv, const T* shift, T* out, T* arg, \
+                                                     KT_SHAPE_ARGS, long pk, long ps, long pp, long Hp, long Wp, \
+                                                     long threads) {                                     \
         const Shape S = KT_SHAPE;                                                                         \
         const long per = Hp * Wp * Co * K;                                                                \
         split_batch(B, threads, [&](long b0, long b1, long) {                                             \
             conv_pool_forward<T>(part_of(S, b0, b1), Pool{pk, ps, pp, Hp, Wp}, x + S.x_at(b0, 0, 0, 0),   \
-                                 wv, out + b0 * per, arg + b0 * per);                                     \
+                                 wv, out + b0 * per, arg + b0 * per, shift);                              \
         });                                                                                               \
+    }                                                                                                     \
+    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward */    \
+    extern "C" void kt_conv_pool_forward_##suffix(const T* x, const T* wv, T* out, T* arg, KT_SHAPE_ARGS, \
+                                                  long pk, long ps, long pp, long Hp, long Wp, long threads) { \
+        kt_conv_pool_forward_ep_##suffix(x, wv, nullptr, out, arg, B, H, W, Ci, Co, K, k, s, Ho, Wo, pk, ps, pp, \
+                                         Hp, Wp, threads);                                                \
     }                                                                                                     \
     /* gw must hold zeros (or what the gradient adds to) */                                               \
     extern "C" void kt_conv_pool_backward_weight_##suffix(const T* x, const T* g, const T* arg, T* gw,    \

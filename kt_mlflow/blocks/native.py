@@ -119,7 +119,8 @@ def library() -> Optional[ctypes.CDLL]:
         return _without(f"{e} (set $KT_CACHE_DIR to a writable folder)")
     for suffix in DTYPES.values():
         for name, pointers, longs in (("forward", 3, 11), ("forward_ep", 4, 11), ("backward_data", 3, 11),
-                                      ("backward_weight", 3, 11), ("pool_forward", 4, 16), ("pool_backward_weight", 4, 16)):
+                                      ("backward_weight", 3, 11), ("pool_forward", 4, 16), ("pool_forward_ep", 5, 16),
+                                      ("pool_backward_weight", 4, 16)):
             fn = getattr(lib, f"kt_conv_{name}_{suffix}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs   # shape..., threads
@@ -288,10 +289,12 @@ class _MemberConvShiftReLU(torch.autograd.Function):
 
 
 class _MemberConvMaxPool(torch.autograd.Function):
-    """``max_pool2d(member_conv(x, wv), pool)``, one image's full-resolution output at a time."""
+    """``max_pool2d(member_conv(x, wv), pool)``, one image's full-resolution output at a time; with
+    ``shift``, ``relu(that + shift)`` in the same pass."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, pool: Tuple[int, int, int]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, wv: torch.Tensor, kernel: int, pool: Tuple[int, int, int],
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         shape = b, h, w, ci, co, k, _, _, ho, wo = _conv_shape(x, wv, kernel, 1)
         pk, ps, pp = pool
@@ -301,8 +304,11 @@ class _MemberConvMaxPool(torch.autograd.Function):
         per = hp * wp * co * k
         # the output and the argmax are both written: one call fills both (``arg`` last, per image)
         fn_shape = (*shape, pk, ps, pp, hp, wp)
-        _call("pool_forward", [(x, h * w * ci * k), (wv, 0), (out, per), (arg, per)], fn_shape, False)
-        ctx.save_for_backward(x, arg)
+        if shift is None:
+            _call("pool_forward", [(x, h * w * ci * k), (wv, 0), (out, per), (arg, per)], fn_shape, False)
+        else:
+            _call("pool_forward_ep", [(x, h * w * ci * k), (wv, 0), (shift, 0), (out, per), (arg, per)], fn_shape, False)
+        ctx.save_for_backward(x, arg, out if shift is not None else None)
         ctx.shape, ctx.wv_shape = fn_shape, wv.shape
         return out
 
@@ -310,13 +316,19 @@ class _MemberConvMaxPool(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if ctx.needs_input_grad[0]:
             raise RuntimeError("member_conv2d_max_pool computes no input gradient (its input is the images)")
-        x, arg = ctx.saved_tensors
+        x, arg, out = ctx.saved_tensors
         g = g.contiguous(memory_format=torch.channels_last)
+        gshift = None
+        if out is not None:   # through the ReLU, as autograd's own ReLU and broadcast add would
+            g = torch.ops.aten.threshold_backward(g, out, 0)
+            gshift = g.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
         b, h, w, ci, co, k, *_, hp, wp = ctx.shape
-        gw = torch.zeros(ctx.wv_shape, dtype=x.dtype)
-        per = hp * wp * co * k
-        _call("pool_backward_weight", [(x, h * w * ci * k), (g, per), (arg, per), (gw, 0)], ctx.shape, True)
-        return None, gw, None, None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros(ctx.wv_shape, dtype=x.dtype)
+            per = hp * wp * co * k
+            _call("pool_backward_weight", [(x, h * w * ci * k), (g, per), (arg, per), (gw, 0)], ctx.shape, True)
+        return None, gw, None, None, gshift
 
 
 def _lanes(weight: torch.Tensor, members: int) -> torch.Tensor:
@@ -371,8 +383,11 @@ def member_linear(x: torch.Tensor, weight: torch.Tensor, members: int) -> torch.
 
 
 def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,
-                           pool: Tuple[int, int, int] = (3, 2, 1)) -> torch.Tensor:
+                           pool: Tuple[int, int, int] = (3, 2, 1), shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``max_pool2d(member_conv2d(x, weight, members), *pool)`` without the full-resolution tensor in
-    memory (``pool`` = kernel, stride, padding). Gradients reach ``weight`` only, not ``x``."""
+    memory (``pool`` = kernel, stride, padding); with ``shift`` (``(Co*members,)``, interleaved channel
+    order), ``relu(that + shift)`` in the same pass. Gradients reach ``weight`` and ``shift``, not ``x``."""
     check(x)
-    return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool))
+    if shift is not None:
+        shift = shift.to(x.dtype).contiguous()
+    return _MemberConvMaxPool.apply(x, _lanes(weight, members), weight.shape[-1], tuple(pool), shift)

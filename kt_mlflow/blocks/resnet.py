@@ -39,7 +39,10 @@ class BeginBlock(nn.Module):
             # max-pool then ReLU: the same values and gradients as ReLU then max-pool (ReLU is monotone
             # and the pooling picks the same element), with the ReLU on a 4x smaller tensor.
             return F.relu(F.max_pool2d(self.bn(self.conv(x)), 3, stride=2, padding=1), inplace=True)
-        return F.relu(self.preactivation(x, moments), inplace=True)
+        weight, shift = self._folded(moments)
+        if self.conv.interleaved and not x.requires_grad:   # conv, pool, shift and ReLU in one pass
+            return member_conv2d_max_pool(x, weight, self.members, (3, 2, 1), shift)
+        return F.relu(self._pooled(x, weight) + shift[:, None, None], inplace=True)
 
     @staticmethod
     def activate(pre: torch.Tensor) -> torch.Tensor:
@@ -49,18 +52,24 @@ class BeginBlock(nn.Module):
     def preactivation(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """max-pool(BN(conv(x))) before the ReLU, BN folded (running statistics in eval mode, the
         batch's from ``moments`` in training). ``forward`` is its ReLU."""
+        weight, shift = self._folded(moments)
+        # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
+        return self._pooled(x, weight) + shift[:, None, None]
+
+    def _folded(self, moments) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The conv weight with BN's scale folded in, and BN's shift (the batch's statistics from
+        ``moments`` in training, the running ones in eval mode)."""
         if self.training:
             mean, var = self._batch_stats(*moments)
         else:
             mean, var = self.bn.running_mean, self.bn.running_var
         scale, shift = self.bn.folded(mean, var)
-        weight = self.conv.weight * scale[:, None, None, None]  # keeps the conv weight's memory format
+        return self.conv.weight * scale[:, None, None, None], shift  # keeps the conv weight's memory format
+
+    def _pooled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.conv.interleaved and not x.requires_grad:  # fused: no full-resolution tensor in memory
-            y = member_conv2d_max_pool(x, weight, self.members, (3, 2, 1))
-        else:
-            y = F.max_pool2d(self.conv.run(x, weight), 3, stride=2, padding=1)
-        # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
-        return y + shift[:, None, None]
+            return member_conv2d_max_pool(x, weight, self.members, (3, 2, 1))
+        return F.max_pool2d(self.conv.run(x, weight), 3, stride=2, padding=1)
 
     def _batch_stats(self, s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The conv output's batch mean and (biased) variance from the input patches' moment sums.
