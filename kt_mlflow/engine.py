@@ -139,7 +139,7 @@ def train_members(
                 moments = None
                 if table is not None:
                     moments = (table[0][idx].sum(0), table[1][idx].sum(0), idx.shape[0] * positions)
-                out = net(net.stack_input(images[idx]), moments)  # (b, K*classes)
+                out = net(net.gather_input(images, idx), moments)  # (b, K*classes)
                 b = out.shape[0]
                 # mean over b*K, times K: the sum of the members' own mean losses.
                 loss = F.cross_entropy(out.view(b * k, -1), labels[idx].view(b * k)) * k

@@ -11,6 +11,7 @@
 // extensions (no intrinsics), so it compiles for whatever SIMD width the machine has.
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 // Register tiles sized for the machine's SIMD registers (-D overrides, for benchmarks).
 #ifndef KT_VBYTES
@@ -445,16 +446,30 @@ void split_summed(long B, long threads, T* sum, long n, F&& part) {
 
 inline Shape part_of(Shape S, long b0, long b1) { S.B = b1 - b0; return S; }
 
-// Bank entries in a member-interleaved network's layout, in one pass (the task loss's input features):
-//   out[n][p][c][m] = f(bank[rows[m]][pick[n]][c][p] * scale[m][c] + shift[m][c])
-// bank (R, Bk, C, HW), out (N, HW, C, K), scale and shift (K, C) or null (1 and 0), f: ReLU or identity.
+// Bank entries in a member-interleaved network's layout, in one pass (the task loss's input features,
+// and generation's batches of images):
+//   out[n][p][c][m] = f(bank[rows[n * rows_step + m]][pick[n]][c][p] * scale[m][c] + shift[m][c])
+// bank (R, Bk, C, HW), out (N, HW, C, K), scale and shift (K, C) or null (1 and 0), f: ReLU or identity;
+// rows_step 0 (a row per member) or K (a row per image and member).
 template <typename T>
-void gather_members(const T* bank, long Bk, long C, long HW, const long* rows, long K, const long* pick,
-                    const T* scale, const T* shift, bool relu, T* out, long n0, long n1) {
+void gather_members(const T* bank, long Bk, long C, long HW, const long* rows, long rows_step, long K,
+                    const long* pick, const T* scale, const T* shift, bool relu, T* out, long n0, long n1) {
+    std::vector<const T*> src(K);
     for (long n = n0; n < n1; ++n) {
         T* o = out + n * HW * C * K;
+        if (rows_step && !scale && !shift && !relu) {
+            // A batch of images (a row per member and entry): members innermost, as in the output, so
+            // stores are consecutive; a member's run of a bank entry below stores one value per cache line.
+            for (long m = 0; m < K; ++m) src[m] = bank + (rows[n * rows_step + m] * Bk + pick[n]) * C * HW;
+            for (long c = 0; c < C; ++c)
+                for (long p = 0; p < HW; ++p) {
+                    T* d = o + (p * C + c) * K;
+                    for (long m = 0; m < K; ++m) d[m] = src[m][c * HW + p];
+                }
+            continue;
+        }
         for (long m = 0; m < K; ++m) {
-            const T* src = bank + (rows[m] * Bk + pick[n]) * C * HW;
+            const T* src = bank + (rows[n * rows_step + m] * Bk + pick[n]) * C * HW;
             for (long c = 0; c < C; ++c) {
                 const T a = scale ? scale[m * C + c] : T(1), b = shift ? shift[m * C + c] : T(0);
                 const T* s = src + c * HW;
@@ -619,9 +634,10 @@ KT_EXPORT(double, f64)
 #define KT_GATHER(T, suffix)                                                                              \
     extern "C" void kt_gather_members_##suffix(const T* bank, const long* rows, const long* pick,         \
                                                const T* scale, const T* shift, T* out, long Bk, long C,    \
-                                               long HW, long K, long N, long relu, long threads) {         \
+                                               long HW, long K, long N, long rows_step, long relu,         \
+                                               long threads) {                                             \
         split_batch(N, threads, [&](long n0, long n1, long) {                                             \
-            gather_members<T>(bank, Bk, C, HW, rows, K, pick, scale, shift, relu != 0, out, n0, n1);      \
+            gather_members<T>(bank, Bk, C, HW, rows, rows_step, K, pick, scale, shift, relu != 0, out, n0, n1); \
         });                                                                                               \
     }
 KT_GATHER(float, f32)

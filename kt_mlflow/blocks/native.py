@@ -126,7 +126,7 @@ def library() -> Optional[ctypes.CDLL]:
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs   # shape..., threads
         gather = getattr(lib, f"kt_gather_members_{suffix}")
         gather.restype = None
-        gather.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7
+        gather.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 8
         for name, pointers, longs in (("bn_sums", 6, 3), ("bn_apply", 8, 3)):
             fn = getattr(lib, f"kt_{name}_{suffix}")
             fn.restype = None

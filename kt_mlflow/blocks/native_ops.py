@@ -113,7 +113,8 @@ def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, s
     """Entries ``bank[rows[m], pick[n]]`` of a per-pair bank ``(R, Bk, C, H, W)`` as the interleaved,
     channels-last input ``(N, C*K, H, W)`` of a ``K = len(rows)``-member network, each value ``v * scale
     + shift`` (per member and channel, ``(K, C)``) and ReLU'd if ``relu``: in one pass, where a gather, a
-    multiply, an add, a ReLU and a layout copy make five. No gradient flows through it.
+    multiply, an add, a ReLU and a layout copy make five. ``rows`` ``(N, K)`` takes a row per entry and
+    member: ``bank[rows[n, m], pick[n]]``. No gradient flows through it.
 
     Example:
         >>> bank = torch.randn(5, 4, 2, 3, 3)
@@ -122,7 +123,9 @@ def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, s
         True
     """
     r, b, c, h, w = bank.shape
-    k, n = len(rows), len(pick)
+    k, n = rows.shape[-1], len(pick)
+    if rows.dim() == 2 and len(rows) != n:
+        raise KTError(f"gather_members: rows per entry must be ({n}, K), got {tuple(rows.shape)}.")
     if bank.dtype not in DTYPES or bank.device.type != "cpu":
         raise KTError(f"gather_members takes float32 or float64 CPU banks, got {bank.dtype} on {bank.device}.")
     bank, rows, pick = bank.contiguous(), rows.to(torch.long).contiguous(), pick.to(torch.long).contiguous()
@@ -133,7 +136,7 @@ def gather_members(bank: torch.Tensor, rows: torch.Tensor, pick: torch.Tensor, s
     threads = max(1, min(torch.get_num_threads(), n))
     kernel("gather_members", bank.dtype)(
         bank.data_ptr(), rows.data_ptr(), pick.data_ptr(), *(0 if v is None else v.data_ptr() for v in affine),
-        out.data_ptr(), b, c, h * w, k, n, int(relu), threads)
+        out.data_ptr(), b, c, h * w, k, n, k if rows.dim() == 2 else 0, int(relu), threads)
     return out.view(n, h, w, c * k).permute(0, 3, 1, 2)
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from .kind import TwoLayerBlock
 from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_bn_relu, conv_out_size, subsample
-from .native import member_conv2d_max_pool
-from .native_ops import leaky_relu_grad
+from .native import DTYPES, available, member_conv2d_max_pool
+from .native_ops import gather_members, leaky_relu_grad
 
 
 class BeginBlock(nn.Module):
@@ -233,6 +233,13 @@ class KTNetwork(nn.Module):
         if self.interleaved:
             x = x.transpose(1, 2)
         return x.reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
+
+    def gather_input(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``stack_input(images[idx])``, ``idx`` ``(B, members)`` (each member's own images); interleaved,
+        in one native pass where the gather and the layout copy take two."""
+        if self.interleaved and images.device.type == "cpu" and images.dtype in DTYPES and available():
+            return gather_members(images[:, None], idx, torch.zeros(len(idx), dtype=torch.long))
+        return self.stack_input(images[idx])
 
     def forward(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """``moments``: the batch's input patch moments, for the begin block's exact BN shortcut."""
