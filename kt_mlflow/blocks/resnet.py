@@ -56,7 +56,7 @@ class BeginBlock(nn.Module):
         # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
         return self._pooled(x, weight) + shift[:, None, None]
 
-    def _folded(self, moments) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _folded(self, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The conv weight with BN's scale folded in, and BN's shift (the batch's statistics from
         ``moments`` in training, the running ones in eval mode)."""
         if self.training:
