@@ -14,7 +14,7 @@ from torch import nn
 
 from .kind import TwoLayerBlock
 from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_bn_relu, conv_out_size, subsample
-from .native import DTYPES, available, member_conv2d_max_pool
+from .native import member_conv2d_max_pool
 from .native_ops import gather_members, leaky_relu_grad
 
 
@@ -39,10 +39,7 @@ class BeginBlock(nn.Module):
             # max-pool then ReLU: the same values and gradients as ReLU then max-pool (ReLU is monotone
             # and the pooling picks the same element), with the ReLU on a 4x smaller tensor.
             return F.relu(F.max_pool2d(self.bn(self.conv(x)), 3, stride=2, padding=1), inplace=True)
-        weight, shift = self._folded(moments)
-        if self.conv.interleaved and not x.requires_grad:   # conv, pool, shift and ReLU in one pass
-            return member_conv2d_max_pool(x, weight, self.members, (3, 2, 1), shift)
-        return F.relu(self._pooled(x, weight) + shift[:, None, None], inplace=True)
+        return self._pooled(x, *self._folded(moments), relu=True)
 
     @staticmethod
     def activate(pre: torch.Tensor) -> torch.Tensor:
@@ -52,9 +49,7 @@ class BeginBlock(nn.Module):
     def preactivation(self, x: torch.Tensor, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
         """max-pool(BN(conv(x))) before the ReLU, BN folded (running statistics in eval mode, the
         batch's from ``moments`` in training). ``forward`` is its ReLU."""
-        weight, shift = self._folded(moments)
-        # A per-channel constant commutes with max-pooling: add the shift on the 4x smaller tensor.
-        return self._pooled(x, weight) + shift[:, None, None]
+        return self._pooled(x, *self._folded(moments))
 
     def _folded(self, moments: Optional[Tuple[torch.Tensor, torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The conv weight with BN's scale folded in, and BN's shift (the batch's statistics from
@@ -66,10 +61,17 @@ class BeginBlock(nn.Module):
         scale, shift = self.bn.folded(mean, var)
         return self.conv.weight * scale[:, None, None, None], shift  # keeps the conv weight's memory format
 
-    def _pooled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _pooled(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """max-pool(conv(x; weight)) + shift, ReLU'd if ``relu``. A per-channel constant commutes with
+        max-pooling, so the shift is added on the 4x smaller tensor."""
         if self.conv.interleaved and not x.requires_grad:  # fused: no full-resolution tensor in memory
-            return member_conv2d_max_pool(x, weight, self.members, (3, 2, 1))
-        return F.max_pool2d(self.conv.run(x, weight), 3, stride=2, padding=1)
+            if relu:   # the shift and ReLU in the kernel's store too
+                return member_conv2d_max_pool(x, weight, self.members, (3, 2, 1), shift)
+            y = member_conv2d_max_pool(x, weight, self.members, (3, 2, 1))
+        else:
+            y = F.max_pool2d(self.conv.run(x, weight), 3, stride=2, padding=1)
+        y = y + shift[:, None, None]
+        return F.relu(y, inplace=True) if relu else y
 
     def _batch_stats(self, s1: torch.Tensor, s2: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The conv output's batch mean and (biased) variance from the input patches' moment sums.
@@ -235,9 +237,9 @@ class KTNetwork(nn.Module):
         return x.reshape(b, k * c, h, w).contiguous(memory_format=torch.channels_last)
 
     def gather_input(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``stack_input(images[idx])``, ``idx`` ``(B, members)`` (each member's own images); interleaved,
-        in one native pass where the gather and the layout copy take two."""
-        if self.interleaved and images.device.type == "cpu" and images.dtype in DTYPES and available():
+        """``stack_input(images[idx])``, ``idx`` ``(B, members)`` (each member's own images); interleaved
+        (native kernels), in one pass where the gather and the layout copy take two."""
+        if self.interleaved:
             return gather_members(images[:, None], idx, torch.zeros(len(idx), dtype=torch.long))
         return self.stack_input(images[idx])
 
