@@ -107,14 +107,14 @@ def test_patch_moments_are_kept_for_the_same_images_only(monkeypatch):
     monkeypatch.setattr(begin, "patch_moments", lambda images: made.append(len(images)) or (images.sum(), images.clone()))
     x = torch.randn(6, 1, 28, 28)
     flipped = torch.cat([x, x.flip(-1)])
-    first = engine._moments(begin, x, flipped)
-    assert engine._moments(begin, x, torch.cat([x, x.flip(-1)])) is first and len(made) == 1   # kept
-    engine._moments(begin, x, x)                                   # without flips: another table
+    first = engine._moments(begin, x, flipped, True)
+    assert engine._moments(begin, x, torch.cat([x, x.flip(-1)]), True) is first and len(made) == 1   # kept
+    engine._moments(begin, x, x, False)                            # without flips: another table
     x.mul_(2)                                                      # the same tensor, new values
-    again = engine._moments(begin, x, torch.cat([x, x.flip(-1)]))
+    again = engine._moments(begin, x, torch.cat([x, x.flip(-1)]), True)
     assert len(made) == 3 and torch.equal(again[1], torch.cat([x, x.flip(-1)]))
     other = x.clone()                                              # the same values, another dataset
-    engine._moments(begin, other, other)
+    engine._moments(begin, other, other, False)
     assert len(made) == 4
     del x, other, again, first
     import gc
