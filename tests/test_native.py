@@ -21,10 +21,12 @@ def built():
 # (members, in, out, kernel, stride, size): SIMD-wide and remainder member counts, 1x1 and 5x5 kernels,
 # odd sizes with stride 2; float64 so any indexing slip shows far above rounding.
 # One input channel takes its own weight-gradient tiles (a row of up to 3 taps): 3, 5 (3 + 2) and 7
-# (3 + 3 + 1) wide kernels, stride 2 and a remainder of members.
+# (3 + 3 + 1) wide kernels, stride 2 and a remainder of members. Output counts of 10 and 13 at one
+# position and 5 at stride 2: the forward's split of each block of outputs into narrower tiles.
 SHAPES = [(1, 1, 6, 3, 1, 28), (3, 6, 6, 3, 1, 14), (16, 6, 6, 3, 1, 14), (19, 6, 3, 3, 2, 13),
           (8, 3, 6, 3, 2, 14), (16, 6, 12, 1, 1, 7), (5, 2, 7, 5, 2, 9), (4, 6, 3, 5, 1, 10),
-          (17, 1, 4, 5, 2, 11), (3, 1, 7, 7, 1, 9), (2, 1, 3, 1, 1, 6)]
+          (17, 1, 4, 5, 2, 11), (3, 1, 7, 7, 1, 9), (2, 1, 3, 1, 1, 6), (8, 6, 10, 1, 1, 1),
+          (9, 3, 13, 3, 1, 5), (16, 6, 5, 3, 2, 7)]
 
 
 @pytest.mark.parametrize("members,cin,cout,kernel,stride,size", SHAPES)

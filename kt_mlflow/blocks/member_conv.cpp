@@ -30,7 +30,21 @@
 #ifndef KT_IB
 #define KT_IB 3
 #endif
+// The forward's tile: with 16 vector registers (AVX2) 6 outputs x 4 positions spill their accumulators,
+// so it holds 3 x 4 there, with each position's input pinned in a register (else GCC folds the input
+// into every multiply-add that uses it). 32 registers (AVX-512) hold 6 x 4.
+#ifndef KT_FOB
+#if KT_VBYTES == 64
+#define KT_FOB 6
+#else
+#define KT_FOB 3
+#endif
+#endif
+#ifndef KT_XREG
+#define KT_XREG (KT_VBYTES != 64)
+#endif
 static_assert(KT_OB >= 1 && KT_OB <= 6, "with_block dispatches output blocks of 1 to 6");
+static_assert(KT_FOB >= 1 && KT_FOB <= 6, "with_block dispatches output blocks of 1 to 6");
 static_assert(KT_IB >= 1 && KT_IB <= 3, "BackwardWeightAll dispatches input blocks of 1 to 3");
 static_assert(KT_P >= 1, "a forward tile holds at least one position");
 
@@ -65,10 +79,10 @@ struct Shape {
     long w_at(long t, long i, long o) const { return ((t * Ci + i) * Co + o) * K; }
 };
 
-// Calls f.template run<N>() with the compile-time block size N = min(n, KT_OB): register tiles of fixed size.
-template <typename F>
+// Calls f.template run<N>() with the compile-time block size N = min(n, CAP): register tiles of fixed size.
+template <long CAP = KT_OB, typename F>
 inline void with_block(long n, F&& f) {
-    switch (std::min<long>(n, KT_OB)) {
+    switch (std::min<long>(n, CAP)) {
         case 6: f.template run<6>(); break;
         case 5: f.template run<5>(); break;
         case 4: f.template run<4>(); break;
@@ -78,77 +92,124 @@ inline void with_block(long n, F&& f) {
     }
 }
 
+// Every image, every lane chunk (full vectors, then single lanes for a remainder of members).
+template <typename T, typename Body>
+inline void each_image_and_lanes(const Shape& S, Body&& body) {
+    typedef typename Vec<T>::type W;
+    const long lanes = sizeof(W) / sizeof(T);
+    for (long b = 0; b < S.B; ++b) {
+        long m = 0;
+        for (; m + lanes <= S.K; m += lanes) body.template run<W>(b, m);
+        for (; m < S.K; ++m) body.template run<T>(b, m);
+    }
+}
+
 // ---- forward: OB outputs x P neighbouring positions in registers; lanes m .. m + |W| of the members.
+// `xi` is one image with S.pad() zero rows and columns around it (`Padded`), so every tile reads inside
+// it and one branch-free loop serves the border tiles too. The padding's products add +0 or -0 to sums
+// that start at +0 (which no sum then leaves for -0), so every sum keeps the bits it has without them.
 // With a per-channel shift (interleaved (Co, K)) each output is stored as relu(output + shift): an
 // eval-mode BN (its scale folded into the weights) and its ReLU then cost no pass over memory of their own.
+// Not inlined: inside the row loop GCC spilled the tile's registers (1.1x-1.4x slower on AVX2).
 template <typename T, typename W, int OB, int P>
-inline void forward_tile(const Shape& S, const T* x, const T* wv, T* out, long b, long ho, long wo, long o0, long m,
-                         const T* shift) {
+__attribute__((noinline)) void forward_tile(const Shape& S, const T* xi, const T* wv, T* out, long ho, long wo,
+                                            long o0, long m, const T* shift) {
     W acc[P][OB];
     for (int p = 0; p < P; ++p)
         for (int o = 0; o < OB; ++o) acc[p][o] = W{};
-    // every tap of every position inside the row: per kernel row, the (column, input channel) pairs are
-    // consecutive in x and in the weights, so one loop of k * Ci steps with pointers (the same products
-    // in the same order as the general loop below)
-    const bool inside = wo * S.s - S.pad() >= 0 && (wo + P - 1) * S.s + S.k - 1 - S.pad() < S.W;
+    // per kernel row, the (column, input channel) pairs are consecutive in x and in the weights
+    const long K = S.K, xrow = (S.W + 2 * S.pad()) * S.Ci * K, xstep = S.s * S.Ci * K, wstep = S.Co * K;
+    const T* x0 = xi + ho * S.s * xrow + wo * xstep + m;
+    const T* wp = wv + o0 * K + m;
     for (long dh = 0; dh < S.k; ++dh) {
-        const long hi = ho * S.s + dh - S.pad();
-        if (hi < 0 || hi >= S.H) continue;
-        if (inside) {
-            const long K = S.K, xstep = S.s * S.Ci * K, wstep = S.Co * K;
-            const T* xp = x + S.x_at(b, hi, wo * S.s - S.pad(), 0) + m;
-            const T* wp = wv + S.w_at(dh * S.k, 0, o0) + m;
-            for (long j = 0; j < S.k * S.Ci; ++j, xp += K, wp += wstep) {
-                W w[OB];
-                for (int o = 0; o < OB; ++o) { w[o] = load<W>(wp + o * K); in_register(w[o]); }
-                for (int p = 0; p < P; ++p) {
-                    const W xv = load<W>(xp + p * xstep);
-                    for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
-                }
-            }
-            continue;
-        }
-        const long K = S.K, xcol = S.Ci * K;
-        const T* xrow = x + S.x_at(b, hi, 0, 0) + m;
-        const T* wp = wv + S.w_at(dh * S.k, 0, o0) + m;
-        for (long dw = 0; dw < S.k; ++dw) {
-            const long wi0 = wo * S.s + dw - S.pad();
-            for (long i = 0; i < S.Ci; ++i, wp += S.Co * K) {
-                W w[OB];
-                for (int o = 0; o < OB; ++o) { w[o] = load<W>(wp + o * K); in_register(w[o]); }
-                for (int p = 0; p < P; ++p) {
-                    const long wi = wi0 + p * S.s;
-                    if (wi < 0 || wi >= S.W) continue;
-                    const W xv = load<W>(xrow + wi * xcol + i * K);
-                    for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
-                }
+        const T* xp = x0 + dh * xrow;
+        for (long j = 0; j < S.k * S.Ci; ++j, xp += K, wp += wstep) {
+            W w[OB];
+            for (int o = 0; o < OB; ++o) { w[o] = load<W>(wp + o * K); in_register(w[o]); }
+            for (int p = 0; p < P; ++p) {
+                W xv = load<W>(xp + p * xstep);
+                if (KT_XREG && sizeof(W) > sizeof(T)) in_register(xv);
+                for (int o = 0; o < OB; ++o) acc[p][o] += xv * w[o];
             }
         }
     }
+    T* op = out + S.out_at(0, ho, wo, o0) + m;
     for (int o = 0; o < OB; ++o) {
-        const W sv = shift ? load<W>(shift + (o0 + o) * S.K + m) : W{};
+        const W sv = shift ? load<W>(shift + (o0 + o) * K + m) : W{};
         for (int p = 0; p < P; ++p) {
             W v = acc[p][o];
             if (shift) { v += sv; v = v > W{} ? v : W{}; }
-            store(out + S.out_at(b, ho, wo + p, o0 + o) + m, v);
+            store(op + p * wstep + o * K, v);
         }
     }
 }
 
 template <typename T, typename W>
 struct Forward {
-    const Shape& S; const T* x; const T* wv; T* out; long b, o0, m; const T* shift;
+    const Shape& S; const T* xi; const T* wv; T* out; long o0, m; const T* shift;
     template <int OB> void run() {
         for (long ho = 0; ho < S.Ho; ++ho) {
             long wo = 0;
-            for (; wo + KT_P <= S.Wo; wo += KT_P) forward_tile<T, W, OB, KT_P>(S, x, wv, out, b, ho, wo, o0, m, shift);
+            for (; wo + KT_P <= S.Wo; wo += KT_P) forward_tile<T, W, OB, KT_P>(S, xi, wv, out, ho, wo, o0, m, shift);
             // the row's last positions in one narrower tile (7 outputs: a tile of 4, then one of 3)
-            for (; wo + 3 <= S.Wo; wo += 3) forward_tile<T, W, OB, 3>(S, x, wv, out, b, ho, wo, o0, m, shift);
-            for (; wo + 2 <= S.Wo; wo += 2) forward_tile<T, W, OB, 2>(S, x, wv, out, b, ho, wo, o0, m, shift);
-            for (; wo < S.Wo; ++wo) forward_tile<T, W, OB, 1>(S, x, wv, out, b, ho, wo, o0, m, shift);
+            for (; wo + 3 <= S.Wo; wo += 3) forward_tile<T, W, OB, 3>(S, xi, wv, out, ho, wo, o0, m, shift);
+            for (; wo + 2 <= S.Wo; wo += 2) forward_tile<T, W, OB, 2>(S, xi, wv, out, ho, wo, o0, m, shift);
+            for (; wo < S.Wo; ++wo) forward_tile<T, W, OB, 1>(S, xi, wv, out, ho, wo, o0, m, shift);
         }
     }
 };
+
+// Images of a batch with S.pad() zero rows and columns around them, one at a time in a buffer whose
+// border is zeroed once (only the image's own rows are copied in per image).
+template <typename T>
+struct Padded {
+    const Shape& S;
+    std::vector<T> buf;
+    explicit Padded(const Shape& shape)
+        : S(shape), buf(S.pad() ? (S.H + 2 * S.pad()) * (S.W + 2 * S.pad()) * S.Ci * S.K : 0, T(0)) {}
+    const T* image(const T* x, long b) {
+        const T* xb = x + S.x_at(b, 0, 0, 0);
+        if (!S.pad()) return xb;
+        const long row = S.W * S.Ci * S.K, pad = S.pad() * S.Ci * S.K, prow = row + 2 * pad;
+        T* dst = buf.data() + S.pad() * prow + pad;
+        for (long h = 0; h < S.H; ++h) std::memcpy(dst + h * prow, xb + h * row, row * sizeof(T));
+        return buf.data();
+    }
+};
+
+// Blocks of outputs: KT_OB at a time, each split into tiles of at most KT_FOB outputs (vectors only) without
+// a tile of one output that the KT_OB block did not have: GCC tunes a tile of one accumulator for Zen
+// as a multiply and an add, not a fused multiply-add, so such a tile would change the sums' bits.
+template <typename T>
+struct ForwardBlocks {
+    const Shape& S; const T* xi; const T* wv; T* out; const T* shift;
+    template <typename W> void run(long, long m) {
+        const long cap = sizeof(W) > sizeof(T) ? KT_FOB : KT_OB;
+        for (long o0 = 0; o0 < S.Co; o0 += KT_OB) {
+            const long n = std::min<long>(KT_OB, S.Co - o0);
+            for (long done = 0, b; done < n; done += b) {
+                const long left = n - done;
+                b = left <= cap ? left : left == cap + 1 ? (left + 1) / 2 : cap;
+                if (cap == KT_OB) with_block<KT_OB>(b, Forward<T, W>{S, xi, wv, out, o0 + done, m, shift});
+                else with_block<KT_FOB>(b, Forward<T, W>{S, xi, wv, out, o0 + done, m, shift});
+            }
+        }
+    }
+};
+
+// One padded image's output (Ho, Wo, Co, K): every lane chunk, every block of outputs.
+template <typename T>
+void forward_image(const Shape& S, const T* xi, const T* wv, T* out, const T* shift) {
+    Shape one = S;
+    one.B = 1;
+    each_image_and_lanes<T>(one, ForwardBlocks<T>{S, xi, wv, out, shift});
+}
+
+template <typename T>
+void forward_all(const Shape& S, const T* x, const T* wv, T* out, const T* shift = nullptr) {
+    Padded<T> padded(S);
+    for (long b = 0; b < S.B; ++b) forward_image<T>(S, padded.image(x, b), wv, out + S.out_at(b, 0, 0, 0), shift);
+}
 
 // ---- backward to the input: each output's gradient is scattered to the inputs it read (any stride).
 template <typename T, typename W>
@@ -271,26 +332,6 @@ struct BackwardWeight {
     }
 };
 
-// Every image, every lane chunk (full vectors, then single lanes for a remainder of members).
-template <typename T, typename Body>
-inline void each_image_and_lanes(const Shape& S, Body&& body) {
-    typedef typename Vec<T>::type W;
-    const long lanes = sizeof(W) / sizeof(T);
-    for (long b = 0; b < S.B; ++b) {
-        long m = 0;
-        for (; m + lanes <= S.K; m += lanes) body.template run<W>(b, m);
-        for (; m < S.K; ++m) body.template run<T>(b, m);
-    }
-}
-
-template <typename T>
-struct ForwardAll {
-    const Shape& S; const T* x; const T* wv; T* out; const T* shift = nullptr;
-    template <typename W> void run(long b, long m) {
-        for (long o0 = 0; o0 < S.Co; o0 += KT_OB) with_block(S.Co - o0, Forward<T, W>{S, x, wv, out, b, o0, m, shift});
-    }
-};
-
 template <typename T>
 struct BackwardDataAll {
     const Shape& S; const T* g; const T* wv; T* gx;
@@ -389,11 +430,11 @@ template <typename T>
 void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T* out, T* arg, const T* shift) {
     Shape one = S;
     one.B = 1;
+    Padded<T> padded(S);
     T* buf = new T[S.Ho * S.Wo * S.Co * S.K];
     T* rows = new T[2 * S.Ho * P.Wp * S.Co * KT_VBYTES / sizeof(T)];   // a lane chunk's row maxima and argmaxes
     for (long b = 0; b < S.B; ++b) {
-        const T* xb = x + S.x_at(b, 0, 0, 0);
-        each_image_and_lanes<T>(one, ForwardAll<T>{one, xb, wv, buf});
+        forward_image<T>(S, padded.image(x, b), wv, buf, nullptr);
         each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b, rows, shift});
     }
     delete[] rows;
@@ -567,7 +608,7 @@ extern "C" int kt_openmp() {
         const Shape S = KT_SHAPE;                                                                         \
         split_batch(B, threads, [&](long b0, long b1, long) {                                             \
             const Shape P = part_of(S, b0, b1);                                                           \
-            each_image_and_lanes<T>(P, ForwardAll<T>{P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0)}); \
+            forward_all<T>(P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0));                  \
         });                                                                                               \
     }                                                                                                     \
     /* the forward pass with an epilogue: out = relu(conv + shift), shift interleaved (Co, K) */          \
@@ -576,8 +617,7 @@ extern "C" int kt_openmp() {
         const Shape S = KT_SHAPE;                                                                         \
         split_batch(B, threads, [&](long b0, long b1, long) {                                             \
             const Shape P = part_of(S, b0, b1);                                                           \
-            each_image_and_lanes<T>(P, ForwardAll<T>{P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0), \
-                                                     shift});                                               \
+            forward_all<T>(P, x + S.x_at(b0, 0, 0, 0), wv, out + S.out_at(b0, 0, 0, 0), shift);           \
         });                                                                                               \
     }                                                                                                     \
     /* gx must hold zeros (or what the gradient adds to) */                                               \

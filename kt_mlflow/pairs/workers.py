@@ -43,7 +43,10 @@ from .make import train_pairs
 # 4 (2026-12-07): training-mode BN + ReLU and BN2's statistics from native one-pass sums.
 # 5 (2026-12-07): the large block's eval-mode BN + ReLU folded into its first conv (scale into the
 #   weights, shift and ReLU in the conv's epilogue): the recorded accuracies.
-ARITHMETIC = 5
+# 6 (2026-12-07): forward convolutions over zero-padded images (no border path): a layer with 1, 7, 13, ...
+#   output channels sums its last channel's border positions with fused multiply-adds too (the same bits
+#   as revision 5 for every other layer, the bundled families' included).
+ARITHMETIC = 6
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
