@@ -35,16 +35,16 @@
 // into every multiply-add that uses it). 32 registers (AVX-512) hold 6 x 4.
 #ifndef KT_FOB
 #if KT_VBYTES == 64
-#define KT_FOB 6
+#define KT_FOB KT_OB
 #else
-#define KT_FOB 3
+#define KT_FOB (KT_OB < 3 ? KT_OB : 3)
 #endif
 #endif
 #ifndef KT_XREG
 #define KT_XREG (KT_VBYTES != 64)
 #endif
 static_assert(KT_OB >= 1 && KT_OB <= 6, "with_block dispatches output blocks of 1 to 6");
-static_assert(KT_FOB >= 1 && KT_FOB <= 6, "with_block dispatches output blocks of 1 to 6");
+static_assert(KT_FOB >= 1 && KT_FOB <= KT_OB, "the forward splits blocks of KT_OB outputs into tiles of KT_FOB");
 static_assert(KT_IB >= 1 && KT_IB <= 3, "BackwardWeightAll dispatches input blocks of 1 to 3");
 static_assert(KT_P >= 1, "a forward tile holds at least one position");
 
@@ -62,10 +62,16 @@ inline void store(T* p, W v) { std::memcpy(p, &v, sizeof(W)); }
 
 // Keeps a loaded vector in a register: without it GCC folds the load into every multiply-add that uses
 // the value (a tile of P positions then loads each weight P times, and the loads, not the FMAs, limit).
+// A vector wider than the machine's registers (a KT_VBYTES=64 build on AVX2) fits no register: left alone.
 template <typename W>
 inline void in_register(W& v) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    __asm__("" : "+v"(v));
+#if defined(__AVX512F__)
+    constexpr unsigned long widest = 64;
+#else
+    constexpr unsigned long widest = 32;
+#endif
+    if constexpr (sizeof(W) <= widest) __asm__("" : "+v"(v));
 #else
     (void)v;
 #endif
@@ -79,10 +85,10 @@ struct Shape {
     long w_at(long t, long i, long o) const { return ((t * Ci + i) * Co + o) * K; }
 };
 
-// Calls f.template run<N>() with the compile-time block size N = min(n, CAP): register tiles of fixed size.
-template <long CAP = KT_OB, typename F>
+// Calls f.template run<N>() with the compile-time block size N = min(n, KT_OB): register tiles of fixed size.
+template <typename F>
 inline void with_block(long n, F&& f) {
-    switch (std::min<long>(n, CAP)) {
+    switch (std::min<long>(n, KT_OB)) {
         case 6: f.template run<6>(); break;
         case 5: f.template run<5>(); break;
         case 4: f.template run<4>(); break;
@@ -190,8 +196,7 @@ struct ForwardBlocks {
             for (long done = 0, b; done < n; done += b) {
                 const long left = n - done;
                 b = left <= cap ? left : left == cap + 1 ? (left + 1) / 2 : cap;
-                if (cap == KT_OB) with_block<KT_OB>(b, Forward<T, W>{S, xi, wv, out, o0 + done, m, shift});
-                else with_block<KT_FOB>(b, Forward<T, W>{S, xi, wv, out, o0 + done, m, shift});
+                with_block(b, Forward<T, W>{S, xi, wv, out, o0 + done, m, shift});   // b <= n <= KT_OB
             }
         }
     }
