@@ -244,6 +244,7 @@ def test_a_resume_with_other_kernels_threads_or_device_is_refused(small_set, tmp
     for meta in sidecars(out, "train"):                             # as if made on a 64-core machine, one process
         path = out / meta["file"].replace(".safetensors", ".json")
         path.write_text(json.dumps({**meta, "made_with": {**made_with, "threads": 64}}))
+    (out / "val-00000000-00000001.safetensors").unlink()            # a shard left to make: bits would mix
     with pytest.raises(KTError, match=r"made with device cpu, kernels \w+, threads 64 .*gives other bits: rerun with "
                                       r"--kernels \w+ --device cpu .*\(64 thread\(s\) per worker\), or use another --output"):
         generate_pairs(cfg)
@@ -251,13 +252,17 @@ def test_a_resume_with_other_kernels_threads_or_device_is_refused(small_set, tmp
 
 def test_a_resume_into_shards_of_another_arithmetic_revision_is_refused(small_set, tmp_path):
     """Shards made before the generator's arithmetic changed (revision 1 did not record its number) have
-    other bits; a resume would mix them into one folder."""
+    other bits: a complete folder is used as it is, a resume that would write into it is refused."""
     out, cfg = _copy(small_set, tmp_path)
     made_with = sidecars(out, "train")[0]["made_with"]
     assert made_with["arithmetic"] == ARITHMETIC >= 2
     for meta in sidecars(out, "train"):
         path = out / meta["file"].replace(".safetensors", ".json")
         path.write_text(json.dumps({**meta, "made_with": {k: v for k, v in made_with.items() if k != "arithmetic"}}))
+    summary = generate_pairs(cfg)                                   # complete: nothing to mix
+    assert summary["pairs_made"] == 0 and summary["pairs_skipped"] == 6
+    assert sidecars(out, "train")[0]["made_with"] == {k: v for k, v in made_with.items() if k != "arithmetic"}
+    (out / "train-00000002-00000003.safetensors").write_bytes(b"damaged")   # a shard to remake: bits would mix
     with pytest.raises(KTError, match=f"arithmetic revision 1 .*makes revision {ARITHMETIC}, which gives other bits: "
                                       "finish it with the kt-mlflow that began it, or use another --output"):
         generate_pairs(cfg)

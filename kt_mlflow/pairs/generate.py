@@ -92,6 +92,12 @@ def _done(folder: Path, plan: List[Tuple[str, int, int]], metas: Dict[str, List[
     return done
 
 
+def _complete(folder: Path, plan: List[Tuple[str, int, int]], metas: Dict[str, List[dict]]) -> bool:
+    """Every shard of the whole ``plan`` (all ranks') is on disk and whole; nothing is removed here."""
+    by_bounds = {(split, m["first"], m["count"]): m for split, ms in metas.items() for m in ms}
+    return all(key in by_bounds and shard_is_whole(folder, by_bounds[key]) for key in plan)
+
+
 def _check_finite(tensors: Dict[str, torch.Tensor], split: str, first: int, n: int) -> None:
     bad = non_finite(tensors)
     if bad:
@@ -114,7 +120,9 @@ class GenerationJob:
         self.settings = pair_settings(cfg, self.trainer.family)
         self.metas = {split: sidecars(self.folder, split) for split in ("train", "val")}
         check_settings(self.folder, self.settings, self.metas)
-        check_made_with(self.folder, self.trainer.made_with, self.metas, _same_bits(self.metas))
+        self.complete = _complete(self.folder, plan_shards(cfg), self.metas)
+        if not self.complete:   # a rerun that writes nothing mixes no bits, whatever made the folder
+            check_made_with(self.folder, self.trainer.made_with, self.metas, _same_bits(self.metas))
 
     def run(self, on_shard=None) -> Dict[str, object]:
         """Generate (or resume) the shards into the folder; returns a summary dict (the job's, on rank 0)."""
@@ -123,7 +131,7 @@ class GenerationJob:
             remove_stale_temporaries(folder)
         barrier()   # before any rank writes: a temporary file from now on is a live one
         plan = plan_shards(cfg)[rank.rank::rank.size]
-        done = _done(folder, plan, self.metas)
+        done = set(plan) if self.complete else _done(folder, plan, self.metas)
         todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
                 for split, first, n in plan if (split, first, n) not in done}
         protocols = {key: shard_protocol(cfg, *key[:2]) for key in todo} if cfg.protocols else {}
