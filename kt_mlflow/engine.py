@@ -71,6 +71,13 @@ class _KeepHeap:
             self.libc.mallopt(self.M_TRIM_THRESHOLD, self.DEFAULT_TRIM)
 
 
+def keep_heap_for_good() -> None:
+    """``_KeepHeap`` for the rest of this process's life, for a process that only trains (a generate
+    worker): between trainings too, where each phase (base network, small block, accuracies) would
+    otherwise fault its pages in again after the previous one's exit gave them back."""
+    _KeepHeap().__enter__()
+
+
 def make_optimizer(params: Iterable[nn.Parameter], schedule: PairSchedule) -> torch.optim.Optimizer:
     """The schedule's optimiser. Each is element-wise, so every member of a stacked network is updated
     exactly as it would be alone."""

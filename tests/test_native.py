@@ -46,19 +46,25 @@ def test_member_conv_equals_grouped_conv(members, cin, cout, kernel, stride, siz
     torch.testing.assert_close(gwi, gw, rtol=1e-12, atol=1e-11)
 
 
-@pytest.mark.parametrize("members,cin,cout,size", [(1, 1, 6, 28), (16, 1, 6, 28), (19, 2, 3, 13)])
-def test_fused_conv_max_pool_equals_conv_then_pool(members, cin, cout, size):
+@pytest.mark.parametrize("members,cin,cout,size,pool", [(1, 1, 6, 28, (3, 2, 1)), (16, 1, 6, 28, (3, 2, 1)),
+                                                       (19, 2, 3, 13, (3, 2, 1)), (16, 1, 7, 12, (3, 1, 1)),
+                                                       (17, 1, 6, 11, (2, 2, 0)), (16, 2, 6, 9, (1, 2, 0))])
+def test_fused_conv_max_pool_equals_conv_then_pool(members, cin, cout, size, pool):
+    """Pools whose windows overlap (a position in up to 9 of them), tile the image, or skip positions
+    (in no window: no gradient); float64 against PyTorch, and the same output without a gradient wanted."""
     torch.manual_seed(0)
     x = torch.randn(3, members * cin, size, size, dtype=torch.float64)
     x[0, :, :8] = 0  # blank rows, as in MNIST: equal maxima, where the first one must win
     w = torch.randn(members * cout, cin, 3, 3, dtype=torch.float64, requires_grad=True)
-    ref = F.max_pool2d(F.conv2d(x, w, None, 1, 1, groups=members), 3, 2, 1)
+    ref = F.max_pool2d(F.conv2d(x, w, None, 1, 1, groups=members), *pool)
     g = torch.randn_like(ref)
     (gw,) = torch.autograd.grad(ref, (w,), g)
-    out = native.member_conv2d_max_pool(interleave(x, members), w, members, (3, 2, 1))
+    out = native.member_conv2d_max_pool(interleave(x, members), w, members, pool)
     (gwi,) = torch.autograd.grad(out, (w,), interleave(g, members))
     torch.testing.assert_close(deinterleave(out, members), ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gwi, gw, rtol=1e-12, atol=1e-11)
+    with torch.no_grad():   # no argmax kept
+        assert torch.equal(native.member_conv2d_max_pool(interleave(x, members), w, members, pool), out)
 
 
 def test_threads_split_the_batch_without_changing_results():
@@ -90,14 +96,16 @@ def test_openmp_threads_and_python_threads_give_the_same_results(monkeypatch):
     w = torch.randn(16 * 6, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     img = interleave(torch.randn(5, 16, 28, 28, dtype=torch.float64), 16)
     w0 = torch.randn(16 * 6, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(16 * 6, dtype=torch.float64, requires_grad=True)
     threads, results = torch.get_num_threads(), []
     try:
         torch.set_num_threads(2)
         for openmp in (1, 0):
             monkeypatch.setattr(lib, "kt_openmp", lambda on=openmp: on)
             out, pooled = member_conv2d(x, w, 16, 2), native.member_conv2d_max_pool(img, w0, 16)
-            grads = torch.autograd.grad(out.sum() + pooled.sum(), (x, w, w0))
-            results.append((out, pooled, *grads))
+            relu = native.member_conv2d_max_pool(img, w0, 16, (3, 2, 1), shift)
+            grads = torch.autograd.grad(out.sum() + pooled.sum() + (relu * pooled).sum(), (x, w, w0, shift))
+            results.append((out, pooled, relu, *grads))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -122,6 +130,8 @@ def test_fused_conv_max_pool_shift_relu_equals_its_parts(members, cout, size):
     torch.testing.assert_close(deinterleave(out, members), ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gwi, gw, rtol=1e-12, atol=1e-11)
     torch.testing.assert_close(gsi, gs, rtol=1e-12, atol=1e-11)
+    with torch.no_grad():   # no argmax kept
+        assert torch.equal(native.member_conv2d_max_pool(interleave(x, members), w, members, (3, 2, 1), shift[order]), out)
 
 @pytest.mark.parametrize("members,cin,cout,kernel,stride,size", [(3, 6, 6, 3, 1, 14), (19, 6, 3, 3, 2, 13), (16, 6, 12, 1, 1, 7)])
 def test_member_conv_shift_relu_equals_conv_then_shift_then_relu(members, cin, cout, kernel, stride, size):

@@ -380,7 +380,8 @@ struct Pool {
 // for any image size here): the first maximum of a row-major scan wins, as in torch's max_pool2d. Done
 // separably: each conv row's leftmost maximum per window (into `rows`), then the topmost of a window's
 // rows, which is that same element; the windows' bounds are clipped once, not tested per element.
-template <typename T, typename W>
+// Without ARG (no gradient wanted) the maxima alone.
+template <typename T, typename W, bool ARG>
 inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, T* arg, long b, long m, T* rows,
                            const T* shift) {
     const long K = S.K, L = sizeof(W) / sizeof(T), C = S.Co, half = S.Ho * P.Wp * C * L;
@@ -395,32 +396,32 @@ inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, 
                     const W v = load<W>(col + (j * C + o) * K);
                     const auto up = v > best;
                     best = up ? v : best;
-                    where = up ? W{} + T(h * S.Wo + j0 + j) : where;
+                    if (ARG) where = up ? W{} + T(h * S.Wo + j0 + j) : where;
                 }
                 store(best_at + o * L, best);
-                store(best_at + half + o * L, where);
+                if (ARG) store(best_at + half + o * L, where);
             }
         }
     const long row = P.Wp * C * L;   // one conv row's maxima in `rows`
     for (long ph = 0; ph < P.Hp; ++ph) {
         const long i0 = std::max(0L, ph * P.s - P.p), i1 = std::min(S.Ho, ph * P.s - P.p + P.k);
         T* o_at = out + ((b * P.Hp + ph) * P.Wp * C) * K + m;
-        T* a_at = arg + ((b * P.Hp + ph) * P.Wp * C) * K + m;
+        T* a_at = ARG ? arg + ((b * P.Hp + ph) * P.Wp * C) * K + m : nullptr;
         for (long q = 0; q < P.Wp * C; ++q) {                      // (pw, o) pairs, consecutive in both
             const T* first = rows + i0 * row + q * L;
-            W best = load<W>(first), where = load<W>(first + half);
+            W best = load<W>(first), where = ARG ? load<W>(first + half) : W{};
             for (long i = 1; i < i1 - i0; ++i) {
                 const W v = load<W>(first + i * row);
                 const auto up = v > best;
                 best = up ? v : best;
-                where = up ? load<W>(first + i * row + half) : where;
+                if (ARG) where = up ? load<W>(first + i * row + half) : where;
             }
             if (shift) {   // relu(max + shift): the first block's folded BN shift and its ReLU
                 best += load<W>(shift + q % C * K + m);
                 best = best > W{} ? best : W{};
             }
             store(o_at + q * K, best);
-            store(a_at + q * K, where);
+            if (ARG) store(a_at + q * K, where);
         }
     }
 }
@@ -428,7 +429,10 @@ inline void max_pool_lanes(const Shape& S, const Pool& P, const T* buf, T* out, 
 template <typename T>
 struct PoolAll {
     const Shape& S; const Pool& P; const T* buf; T* out; T* arg; long b; T* rows; const T* shift;
-    template <typename W> void run(long, long m) { max_pool_lanes<T, W>(S, P, buf, out, arg, b, m, rows, shift); }
+    template <typename W> void run(long, long m) {
+        if (arg) max_pool_lanes<T, W, true>(S, P, buf, out, arg, b, m, rows, shift);
+        else max_pool_lanes<T, W, false>(S, P, buf, out, arg, b, m, rows, shift);
+    }
 };
 
 template <typename T>
@@ -446,25 +450,82 @@ void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T
     delete[] buf;
 }
 
-// Weights' gradient: route each pooled gradient to its argmax (one image at a time, in a buffer),
-// then the convolution's own weight gradient over that image.
+// The pooled gradient back at full resolution, one image (Ho, Wo, Co, K) in `buf`: each position sums the
+// gradients of the windows whose argmax it is, reading the (at most k x k) windows that hold it in scan
+// order, which is the order a scatter in scan order adds them in. With `out` (the pooled output of
+// relu(max-pool + shift)) the gradient is first masked where the output is 0, as the ReLU's backward
+// does, and summed per channel into `gshift` (per image first, then into the running sum).
 template <typename T>
-void conv_pool_backward_weight(const Shape& S, const Pool& P, const T* x, const T* g, const T* arg, T* gw) {
+struct PoolRoute {
+    const Shape& S; const Pool& P; const T* g; const T* arg; const T* out; T* gm; T* buf; T* gshift;
+    // the windows that hold position i along one axis: [first, last] of n
+    void windows(long i, long n, long& first, long& last) const {
+        first = std::max(0L, (i + P.p - P.k + P.s) / P.s);   // ceil((i + p - k + 1) / s); i + p >= 0
+        last = std::min(n - 1, (i + P.p) / P.s);
+    }
+    template <typename W> void run(long, long m) {
+        const long K = S.K, L = sizeof(W) / sizeof(T), C = S.Co, n = P.Hp * P.Wp * C;
+        std::vector<W> sums(out ? C : 0, W{});   // per channel, this image's masked gradient
+        for (long q = 0; q < n; ++q) {
+            W v = load<W>(g + q * K + m);
+            if (out) {
+                v = load<W>(out + q * K + m) <= W{} ? W{} : v;
+                sums[q % C] += v;
+            }
+            store(gm + q * L, v);
+        }
+        if (out)
+            for (long o = 0; o < C; ++o) store(gshift + o * K + m, load<W>(gshift + o * K + m) + sums[o]);
+        for (long o0 = 0; o0 < C; o0 += KT_OB)
+            with_block(C - o0, Gather<W>{*this, m, o0});
+    }
+    // Positions x OB channels from o0, OB sums in registers per position.
+    template <typename W>
+    struct Gather {
+        const PoolRoute& R; long m, o0;
+        template <int OB> void run() {
+            const Shape& S = R.S; const Pool& P = R.P;
+            const long K = S.K, L = sizeof(W) / sizeof(T), C = S.Co;
+            for (long h = 0; h < S.Ho; ++h) {
+                long h0, h1;
+                R.windows(h, P.Hp, h0, h1);
+                for (long w = 0; w < S.Wo; ++w) {
+                    long w0, w1;
+                    R.windows(w, P.Wp, w0, w1);
+                    const W at = W{} + T(h * S.Wo + w);
+                    W acc[OB];   // from +0, adding +0 where a window's argmax is elsewhere: the scatter's bits
+                    for (int o = 0; o < OB; ++o) acc[o] = W{};
+                    for (long ph = h0; ph <= h1; ++ph)
+                        for (long pw = w0; pw <= w1; ++pw) {
+                            const long q = (ph * P.Wp + pw) * C + o0;
+                            const T* a = R.arg + q * K + m;
+                            const T* v = R.gm + q * L;
+                            for (int o = 0; o < OB; ++o) acc[o] += load<W>(a + o * K) == at ? load<W>(v + o * L) : W{};
+                        }
+                    T* dst = R.buf + ((h * S.Wo + w) * C + o0) * K + m;
+                    for (int o = 0; o < OB; ++o) store(dst + o * K, acc[o]);
+                }
+            }
+        }
+    };
+};
+
+// Weights' gradient (and with `out` the shift's, into gw + k*k*Ci*Co*K): the pooled gradient routed
+// back to full resolution (one image at a time, in a buffer), then the convolution's own weight gradient.
+template <typename T>
+void conv_pool_backward_weight(const Shape& S, const Pool& P, const T* x, const T* g, const T* arg, const T* out,
+                               T* gw) {
     Shape one = S;
     one.B = 1;
-    const long n = S.Ho * S.Wo * S.Co * S.K, per_pool = P.Hp * P.Wp * S.Co;
-    T* buf = new T[n];
+    const long per_pool = P.Hp * P.Wp * S.Co * S.K;
+    std::vector<T> buf(S.Ho * S.Wo * S.Co * S.K), gm(per_pool);
+    T* gshift = gw + S.k * S.k * S.Ci * S.Co * S.K;
     for (long b = 0; b < S.B; ++b) {
-        std::fill(buf, buf + n, T(0));
-        const T* gb = g + b * per_pool * S.K;
-        const T* ab = arg + b * per_pool * S.K;
-        for (long q = 0; q < per_pool; ++q) {
-            const long o = q % S.Co;
-            for (long m = 0; m < S.K; ++m) buf[((long)ab[q * S.K + m] * S.Co + o) * S.K + m] += gb[q * S.K + m];
-        }
-        each_image_and_lanes<T>(one, BackwardWeightAll<T>{one, x + S.x_at(b, 0, 0, 0), buf, gw});
+        const T* ob = out ? out + b * per_pool : nullptr;
+        each_image_and_lanes<T>(one, PoolRoute<T>{one, P, g + b * per_pool, arg + b * per_pool, ob, gm.data(),
+                                                  buf.data(), gshift});
+        each_image_and_lanes<T>(one, BackwardWeightAll<T>{one, x + S.x_at(b, 0, 0, 0), buf.data(), gw});
     }
-    delete[] buf;
 }
 
 // The batch in `threads` contiguous parts, part t on thread t of the OpenMP team, which is PyTorch's own
@@ -649,24 +710,25 @@ extern "C" int kt_openmp() {
         const long per = Hp * Wp * Co * K;                                                                \
         split_batch(B, threads, [&](long b0, long b1, long) {                                             \
             conv_pool_forward<T>(part_of(S, b0, b1), Pool{pk, ps, pp, Hp, Wp}, x + S.x_at(b0, 0, 0, 0),   \
-                                 wv, out + b0 * per, arg + b0 * per, shift);                              \
+                                 wv, out + b0 * per, arg ? arg + b0 * per : nullptr, shift);        \
         });                                                                                               \
     }                                                                                                     \
-    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward */    \
+    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward (or null) */    \
     extern "C" void kt_conv_pool_forward_##suffix(const T* x, const T* wv, T* out, T* arg, KT_SHAPE_ARGS, \
                                                   long pk, long ps, long pp, long Hp, long Wp, long threads) { \
         kt_conv_pool_forward_ep_##suffix(x, wv, nullptr, out, arg, B, H, W, Ci, Co, K, k, s, Ho, Wo, pk, ps, pp, \
                                          Hp, Wp, threads);                                                \
     }                                                                                                     \
-    /* gw must hold zeros (or what the gradient adds to) */                                               \
-    extern "C" void kt_conv_pool_backward_weight_##suffix(const T* x, const T* g, const T* arg, T* gw,    \
-                                                          KT_SHAPE_ARGS, long pk, long ps, long pp,       \
+    /* gw must hold zeros (or what the gradient adds to); with out (relu(max-pool + shift)'s output), gw  \
+       holds k*k*Ci*Co*K weight gradients, then Co*K of the shift */                                     \
+    extern "C" void kt_conv_pool_backward_weight_##suffix(const T* x, const T* g, const T* arg, const T* out, \
+                                                          T* gw, KT_SHAPE_ARGS, long pk, long ps, long pp, \
                                                           long Hp, long Wp, long threads) {               \
         const Shape S = KT_SHAPE;                                                                         \
         const long per = Hp * Wp * Co * K;                                                                \
-        split_summed(B, threads, gw, k * k * Ci * Co * K, [&](long b0, long b1, T* into) {                \
+        split_summed(B, threads, gw, (k * k * Ci + (out ? 1 : 0)) * Co * K, [&](long b0, long b1, T* into) { \
             conv_pool_backward_weight<T>(part_of(S, b0, b1), Pool{pk, ps, pp, Hp, Wp}, x + S.x_at(b0, 0, 0, 0), \
-                                         g + b0 * per, arg + b0 * per, into);                             \
+                                         g + b0 * per, arg + b0 * per, out ? out + b0 * per : nullptr, into); \
         });                                                                                               \
     }
 

@@ -26,6 +26,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -120,7 +121,7 @@ def library() -> Optional[ctypes.CDLL]:
     for suffix in DTYPES.values():
         for name, pointers, longs in (("forward", 3, 11), ("forward_ep", 4, 11), ("backward_data", 3, 11),
                                       ("backward_weight", 3, 11), ("pool_forward", 4, 16), ("pool_forward_ep", 5, 16),
-                                      ("pool_backward_weight", 4, 16)):
+                                      ("pool_backward_weight", 5, 16)):
             fn = getattr(lib, f"kt_conv_{name}_{suffix}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * longs   # shape..., threads
@@ -182,7 +183,12 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="kt-conv")
 
 
-def _call(name: str, tensors: Sequence[Tuple[torch.Tensor, int]], shape: Sequence[int], summed: bool) -> None:
+def _at(t: Optional[torch.Tensor], offset: int = 0) -> Optional[int]:
+    """The address of ``t``'s element ``offset`` (None: a null pointer, an argument the kernel goes without)."""
+    return None if t is None else t.data_ptr() + offset * t.element_size()
+
+
+def _call(name: str, tensors: Sequence[Tuple[Optional[torch.Tensor], int]], shape: Sequence[int], summed: bool) -> None:
     """Run kernel ``name`` over the batch, split across torch's intra-op threads.
 
     ``tensors``: the kernel's tensor arguments, each with its elements per image (0: shared by every
@@ -192,11 +198,11 @@ def _call(name: str, tensors: Sequence[Tuple[torch.Tensor, int]], shape: Sequenc
     on a pool of Python threads (ctypes frees the GIL). Both give the same results.
     """
     lib = library()
-    fn = kernel(f"conv_{name}", tensors[-1][0].dtype)
+    fn = kernel(f"conv_{name}", tensors[0][0].dtype)
     batch, rest = shape[0], tuple(shape[1:])
     threads = max(1, min(torch.get_num_threads(), batch))
     if threads == 1 or lib.kt_openmp():
-        fn(*(t.data_ptr() for t, _ in tensors), batch, *rest, threads)
+        fn(*(_at(t) for t, _ in tensors), batch, *rest, threads)
         return
     out = tensors[-1][0]
     outs = [out] + [torch.zeros_like(out) for _ in range(threads - 1)] if summed else [out] * threads
@@ -204,7 +210,7 @@ def _call(name: str, tensors: Sequence[Tuple[torch.Tensor, int]], shape: Sequenc
 
     def part(i: int) -> None:
         args = [(t, e) for t, e in tensors[:-1]] + [(outs[i], tensors[-1][1])]
-        fn(*(t.data_ptr() + bounds[i] * e * t.element_size() for t, e in args), bounds[i + 1] - bounds[i], *rest, 1)
+        fn(*(_at(t, bounds[i] * e) for t, e in args), bounds[i + 1] - bounds[i], *rest, 1)
 
     list(_pool(threads, os.getpid()).map(part, range(threads)))
     for extra in outs[1:] if summed else ():
@@ -300,9 +306,10 @@ class _MemberConvMaxPool(torch.autograd.Function):
         pk, ps, pp = pool
         hp, wp = (ho + 2 * pp - pk) // ps + 1, (wo + 2 * pp - pk) // ps + 1
         out = torch.empty((b, co * k, hp, wp), dtype=x.dtype, memory_format=torch.channels_last)
-        arg = torch.empty_like(out)  # argmax positions, exact in the float type
+        # argmax positions (exact in the float type), for the backward pass only
+        arg = torch.empty_like(out) if any(ctx.needs_input_grad) else None
         per = hp * wp * co * k
-        # the output and the argmax are both written: one call fills both (``arg`` last, per image)
+        # the output and the argmax are both written: one call fills both (``arg`` last, per image; null: not)
         fn_shape = (*shape, pk, ps, pp, hp, wp)
         if shift is None:
             _call("pool_forward", [(x, h * w * ci * k), (wv, 0), (out, per), (arg, per)], fn_shape, False)
@@ -318,16 +325,14 @@ class _MemberConvMaxPool(torch.autograd.Function):
             raise RuntimeError("member_conv2d_max_pool computes no input gradient (its input is the images)")
         x, arg, out = ctx.saved_tensors
         g = g.contiguous(memory_format=torch.channels_last)
-        gshift = None
-        if out is not None:   # through the ReLU, as autograd's own ReLU and broadcast add would
-            g = torch.ops.aten.threshold_backward(g, out, 0)
-            gshift = g.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
         b, h, w, ci, co, k, *_, hp, wp = ctx.shape
-        gw = None
-        if ctx.needs_input_grad[1]:
-            gw = torch.zeros(ctx.wv_shape, dtype=x.dtype)
-            per = hp * wp * co * k
-            _call("pool_backward_weight", [(x, h * w * ci * k), (g, per), (arg, per), (gw, 0)], ctx.shape, True)
+        n, per = math.prod(ctx.wv_shape), hp * wp * co * k
+        # with out: through the ReLU into the shift's gradient too, as autograd's ReLU and broadcast add would
+        sums = torch.zeros(n + (co * k if out is not None else 0), dtype=x.dtype)
+        _call("pool_backward_weight", [(x, h * w * ci * k), (g, per), (arg, per), (out, per), (sums, 0)],
+              ctx.shape, True)
+        gw = sums[:n].view(ctx.wv_shape) if ctx.needs_input_grad[1] else None
+        gshift = sums[n:] if ctx.needs_input_grad[4] else None
         return None, gw, None, None, gshift
 
 

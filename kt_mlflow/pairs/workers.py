@@ -33,6 +33,7 @@ from ..blocks.native import use_native
 from ..config import PairSchedule
 from ..data import load_for
 from ..device import cpu_share, pick_device
+from ..engine import keep_heap_for_good
 from ..errors import KTError
 from .make import train_pairs
 
@@ -46,7 +47,8 @@ from .make import train_pairs
 # 6 (2026-12-07): forward convolutions over zero-padded images (no border path): a layer with 1, 7, 13, ...
 #   output channels sums its last channel's border positions with fused multiply-adds too (the same bits
 #   as revision 5 for every other layer, the bundled families' included).
-ARITHMETIC = 6
+# 7 (2026-12-07): the first block's shift gradient (its BN's) summed in the pooled backward kernel, per image.
+ARITHMETIC = 7
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
@@ -178,6 +180,7 @@ def _start_worker(family: str, dataset: str, data_root: Optional[str], colour: b
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
     torch.set_num_threads(threads)
+    keep_heap_for_good()
     fam = create_family(family)
     _WORKER.update(family=fam, data=load_for(fam, dataset, data_root, colour), schedule=schedule,
                    kernels=kernels, progress=progress)
