@@ -220,6 +220,29 @@ def test_strided_batch_norm_is_batch_norm_then_subsampling(interleaved, momentum
             torch.testing.assert_close(getattr(fast, name), getattr(ref, name), rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("used", ["both", "whole", "subsampled", "expanded"])
+def test_fork_gives_a_block_input_and_its_subsample_with_their_summed_gradient(used):
+    """``fork``'s one in-place add equals autograd's sum of the whole and the subsampled gradient, bit for
+    bit, with either output unused, and with a whole gradient it must not write into (an expanded one)."""
+    from kt_mlflow.blocks.layers import fork
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    a = torch.randn(3, 4, 9, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+
+    def loss(whole, skip):   # as in a block, the whole input's gradient is made by the layer reading it
+        terms = {"both": [(whole * a).sum(), (skip * b).sum()], "whole": [(whole * a).sum()],
+                 "subsampled": [(skip * b).sum()], "expanded": [whole.sum(), (skip * b).sum()]}[used]
+        return sum(terms)
+
+    whole, skip = fork(x, 2)
+    assert torch.equal(whole, x) and torch.equal(skip, x[:, :, ::2, ::2])
+    (got,) = torch.autograd.grad(loss(whole, skip), x)
+    (want,) = torch.autograd.grad(loss(x, x[:, :, ::2, ::2]), x)
+    assert torch.equal(got, want)
+
+
 def test_init_pair_is_a_function_of_the_seed():
     fam = create_family("paper_mnist")
     a, b, c = fam.init_pair(1), fam.init_pair(1), fam.init_pair(2)

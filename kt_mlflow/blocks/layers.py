@@ -74,6 +74,36 @@ def subsample(x: torch.Tensor, s: int) -> torch.Tensor:
     return _Subsample.apply(x, s) if x.requires_grad else x[:, :, ::s, ::s]
 
 
+class _Fork(torch.autograd.Function):
+    """``(x, x[:, :, ::s, ::s])``: a block's input, read whole by its first conv and added back subsampled.
+    Backward adds the subsampled gradient into the whole one's kept positions, in place (a tensor made
+    for this node alone), where ``subsample`` and autograd's sum of the two take two whole passes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: int):
+        ctx.s, ctx.shape, ctx.dtype = s, x.shape, x.dtype
+        return x.view_as(x), x[:, :, ::s, ::s]
+
+    @staticmethod
+    def backward(ctx, g: Optional[torch.Tensor], g_sub: Optional[torch.Tensor]):
+        s = ctx.s
+        if g is None:
+            g = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g_sub.device).contiguous(memory_format=torch.channels_last)
+        elif not (g.is_contiguous(memory_format=torch.channels_last) or g.is_contiguous()):
+            g = g.clone(memory_format=torch.channels_last)   # e.g. expanded: no element of its own to add to
+        if g_sub is not None:
+            g[:, :, ::s, ::s] += g_sub
+        return g, None
+
+
+def fork(x: torch.Tensor, s: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x, subsample(x, s))``, one gradient pass fewer when ``x`` wants a gradient (see ``_Fork``). The
+    first output's gradient is written into: feed it to a layer (whose backward makes it), not to a loss."""
+    if s == 1 or not x.requires_grad:
+        return x, subsample(x, s)
+    return _Fork.apply(x, s)
+
+
 class _StridedBatchNorm(torch.autograd.Function):
     """Training-mode BN with batch statistics over every position, output at every ``s``-th position only.
 

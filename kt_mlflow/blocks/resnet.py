@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kind import TwoLayerBlock
-from .layers import StackedBatchNorm2d, StackedLinear, channels_last_grad, conv, conv_bn_relu, conv_out_size, subsample
+from .layers import (
+    StackedBatchNorm2d,
+    StackedLinear,
+    channels_last_grad,
+    conv,
+    conv_bn_relu,
+    conv_out_size,
+    fork,
+    subsample,
+)
 from .native import member_conv2d_max_pool
 from .native_ops import gather_members, leaky_relu_grad
 
@@ -146,12 +155,13 @@ class BasicBlock(TwoLayerBlock):
     def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """``stride``: return only every stride-th position (all a strided reader looks at). In eval
         mode conv2 then computes only those; in training BN2 needs its statistics over all positions."""
+        x, skip = fork(x, stride)
         out = conv_bn_relu(self.conv1, self.bn1, x)
         if self.training:
             y = self.bn2.strided(self.conv2(out), stride)
         else:
             y = self.bn2(self.conv2(out, stride))  # a "same" conv at stride s: conv(x)[::s, ::s]
-        return F.relu(y + subsample(x, stride), inplace=True)
+        return F.relu(y + skip, inplace=True)
 
 
 class BottleneckBlock(TwoLayerBlock):
@@ -170,10 +180,11 @@ class BottleneckBlock(TwoLayerBlock):
 
     def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         """``stride``: compute only every stride-th output position (no BN, so exact in training too)."""
+        x, skip = fork(x, stride)
         h = self.conv1(x)
         h = F.relu(h, inplace=True) if self.grad_leak == 0 else relu_leaky_grad(h, self.grad_leak, self.conv1.interleaved)
         y = self.conv2(h, stride)  # a "same" conv at stride s: conv(x)[::s, ::s]
-        return F.relu(y + subsample(x, stride), inplace=True)
+        return F.relu(y + skip, inplace=True)
 
     @staticmethod
     def canonicalize(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
