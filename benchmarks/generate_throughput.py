@@ -200,7 +200,7 @@ def main(argv=None) -> None:
             (w * args.members, lambda r: per_core("native", 10_000 + 1000 * r)),
     }
     plain = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_plain_start,
-                                initargs=(family.name, args.data_root, args.threads))
+                                initargs=(args.family, args.data_root, args.threads))
     plain.submit(_plain_round, [999], p).result()
     for _, run in ways.values():
         run(args.rounds)  # seeds no timed round uses

@@ -710,10 +710,10 @@ extern "C" int kt_openmp() {
         const long per = Hp * Wp * Co * K;                                                                \
         split_batch(B, threads, [&](long b0, long b1, long) {                                             \
             conv_pool_forward<T>(part_of(S, b0, b1), Pool{pk, ps, pp, Hp, Wp}, x + S.x_at(b0, 0, 0, 0),   \
-                                 wv, out + b0 * per, arg ? arg + b0 * per : nullptr, shift);        \
+                                 wv, out + b0 * per, arg ? arg + b0 * per : nullptr, shift);          \
         });                                                                                               \
     }                                                                                                     \
-    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions, for backward (or null) */    \
+    /* conv then max-pool (pool k, s, p; pooled size Hp x Wp); arg: argmax positions for backward, or null */ \
     extern "C" void kt_conv_pool_forward_##suffix(const T* x, const T* wv, T* out, T* arg, KT_SHAPE_ARGS, \
                                                   long pk, long ps, long pp, long Hp, long Wp, long threads) { \
         kt_conv_pool_forward_ep_##suffix(x, wv, nullptr, out, arg, B, H, W, Ci, Co, K, k, s, Ho, Wo, pk, ps, pp, \
