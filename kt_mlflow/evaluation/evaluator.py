@@ -149,12 +149,14 @@ def sized_for_pairs(translator: Any, val: PairSet) -> Any:
     return translator.at_size(family.small_hidden, family.large_hidden)
 
 
-def prepare_comparison(translator: Any, settings: EvalSettings) -> Tuple[PairSet, ImageData]:
-    """The held-out pairs and the test images of a comparison, every mismatch refused in one line."""
+def prepare_comparison(translator: Any, settings: EvalSettings) -> Tuple[PairSet, ImageData, Any]:
+    """The held-out pairs, the test images and the translator at the pairs' size (``sized_for_pairs``)
+    of a comparison, every mismatch refused in one line."""
     from ..tracking.datasets import resolve_pairs
 
     val = load_split(resolve_pairs(str(settings.pairs)), settings.split)
-    family = sized_for_pairs(translator, val).family
+    translator = sized_for_pairs(translator, val)
+    family = translator.family
     pair_family = val.settings.get("family")
     if pair_family and pair_family != family.name:
         raise KTError(
@@ -166,17 +168,16 @@ def prepare_comparison(translator: Any, settings: EvalSettings) -> Tuple[PairSet
         raise KTError(f"the pairs in {settings.pairs} were generated on dataset {made_on!r}, not "
                       f"{settings.dataset!r}; pass --dataset {made_on} (and its --data-root).")
     data = load_for(family, made_on, settings.data_root, settings.colour, val.settings)
-    return val, data
+    return val, data, translator
 
 
 def run_comparison(translator: Any, settings: EvalSettings,
-                   prepared: Optional[Tuple[PairSet, ImageData]] = None) -> pd.DataFrame:
+                   prepared: Optional[Tuple[PairSet, ImageData, Any]] = None) -> pd.DataFrame:
     """Translate the pairs' large blocks and compare with the baselines and references, per network
     (``prepared``: what ``prepare_comparison`` returned, when the caller checked it before opening a run)."""
     from ..tracking.datasets import log_image_input
 
-    val, data = prepared or prepare_comparison(translator, settings)
-    translator = sized_for_pairs(translator, val)
+    val, data, translator = prepared or prepare_comparison(translator, settings)
     family = translator.family
     if mlflow.active_run() is not None:
         log_image_input(data, str(val.settings.get("dataset")), settings.data_root, "evaluation")
