@@ -67,20 +67,20 @@ def plan_shards(cfg: GenerateConfig) -> List[Tuple[str, int, int]]:
     return plan
 
 
-def _done(folder: Path, plan: List[Tuple[str, int, int]], metas: Dict[str, List[dict]]) -> set:
-    """The planned shards already on disk and whole, from the sidecars ``metas`` (read once: linear).
-
-    A shard whose file is missing, truncated or altered is removed with its sidecar, so it is made
-    again; a shard covering planned indices with other bounds is an error."""
+def _verified(folder: Path, plan: List[Tuple[str, int, int]],
+              metas: Dict[str, List[dict]]) -> Tuple[set, List[dict]]:
+    """The planned shards already on disk and whole, and the sidecars of planned shards that are not (a
+    file missing, truncated or altered: to remove and make again), from the sidecars ``metas`` (read
+    once: linear); a shard covering planned indices with other bounds is an error. Nothing is removed here."""
     by_bounds = {(split, m["first"], m["count"]): m for split, ms in metas.items() for m in ms}
-    done = set()
+    done, bad = set(), []
     for split, first, n in plan:
         meta = by_bounds.get((split, first, n))
         if meta is not None:
             if shard_is_whole(folder, meta):
                 done.add((split, first, n))
             else:
-                remove_shard(folder, meta)
+                bad.append(meta)
             continue
         for other in metas[split]:
             lo, hi = other["first"], other["first"] + other["count"]
@@ -89,13 +89,7 @@ def _done(folder: Path, plan: List[Tuple[str, int, int]], metas: Dict[str, List[
                     f"{folder / other['file']} covers some of pairs {first}..{first + n - 1} with other bounds; "
                     f"rerun with the --members/--start-index used before, or another --output."
                 )
-    return done
-
-
-def _complete(folder: Path, plan: List[Tuple[str, int, int]], metas: Dict[str, List[dict]]) -> bool:
-    """Every shard of the whole ``plan`` (all ranks') is on disk and whole; nothing is removed here."""
-    by_bounds = {(split, m["first"], m["count"]): m for split, ms in metas.items() for m in ms}
-    return all(key in by_bounds and shard_is_whole(folder, by_bounds[key]) for key in plan)
+    return done, bad
 
 
 def _check_finite(tensors: Dict[str, torch.Tensor], split: str, first: int, n: int) -> None:
@@ -120,8 +114,10 @@ class GenerationJob:
         self.settings = pair_settings(cfg, self.trainer.family)
         self.metas = {split: sidecars(self.folder, split) for split in ("train", "val")}
         check_settings(self.folder, self.settings, self.metas)
-        self.complete = _complete(self.folder, plan_shards(cfg), self.metas)
-        if not self.complete:   # a rerun that writes nothing mixes no bits, whatever made the folder
+        rank = world()
+        self.plan = plan_shards(cfg)[rank.rank::rank.size]   # this rank's share: every WORLD_SIZE-th shard
+        self.done, self.bad = _verified(self.folder, self.plan, self.metas)
+        if len(self.done) < len(self.plan):   # a rank that writes nothing mixes no bits, whatever made the folder
             check_made_with(self.folder, self.trainer.made_with, self.metas, _same_bits(self.metas))
 
     def run(self, on_shard=None) -> Dict[str, object]:
@@ -130,10 +126,11 @@ class GenerationJob:
         if rank.is_main:
             remove_stale_temporaries(folder)
         barrier()   # before any rank writes: a temporary file from now on is a live one
-        plan = plan_shards(cfg)[rank.rank::rank.size]
-        done = set(plan) if self.complete else _done(folder, plan, self.metas)
+        plan = self.plan
+        for meta in self.bad:   # its sidecar first: the shard no longer counts, and is made again
+            remove_shard(folder, meta)
         todo = {(split, first, n): [pair_seed(cfg.seed, split, first + i) for i in range(n)]
-                for split, first, n in plan if (split, first, n) not in done}
+                for split, first, n in plan if (split, first, n) not in self.done}
         protocols = {key: shard_protocol(cfg, *key[:2]) for key in todo} if cfg.protocols else {}
         schedules = {key: cfg.protocol_schedule(name) for key, name in protocols.items()}
         total = sum(len(seeds) * _epochs(schedules.get(key, cfg.schedule)) for key, seeds in todo.items())
