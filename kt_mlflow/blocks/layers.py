@@ -57,14 +57,19 @@ class _Subsample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
-        ctx.shape, ctx.dtype, ctx.device, ctx.s = x.shape, x.dtype, x.device, s
+        ctx.shape, ctx.s = x.shape, s
         return x[:, :, ::s, ::s]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=torch.channels_last).zero_()
-        out[:, :, ::ctx.s, ::ctx.s] = grad
-        return out, None
+        return _spread(grad, ctx.shape, ctx.s), None
+
+
+def _spread(grad: torch.Tensor, shape: torch.Size, s: int) -> torch.Tensor:
+    """``grad`` at every ``s``-th position of a channels-last zero tensor of ``shape``."""
+    out = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last).zero_()
+    out[:, :, ::s, ::s] = grad
+    return out
 
 
 def subsample(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -81,15 +86,15 @@ class _Fork(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: int):
-        ctx.s, ctx.shape, ctx.dtype = s, x.shape, x.dtype
+        ctx.s, ctx.shape = s, x.shape
         return x.view_as(x), x[:, :, ::s, ::s]
 
     @staticmethod
     def backward(ctx, g: Optional[torch.Tensor], g_sub: Optional[torch.Tensor]):
         s = ctx.s
-        if g is None:
-            g = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g_sub.device).contiguous(memory_format=torch.channels_last)
-        elif not (g.is_contiguous(memory_format=torch.channels_last) or g.is_contiguous()):
+        if g is None:   # the whole input unused: subsample's backward
+            return _spread(g_sub, ctx.shape, s), None
+        if not (g.is_contiguous(memory_format=torch.channels_last) or g.is_contiguous()):
             g = g.clone(memory_format=torch.channels_last)   # e.g. expanded: no element of its own to add to
         if g_sub is not None:
             g[:, :, ::s, ::s] += g_sub

@@ -440,14 +440,12 @@ void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T
     Shape one = S;
     one.B = 1;
     Padded<T> padded(S);
-    T* buf = new T[S.Ho * S.Wo * S.Co * S.K];
-    T* rows = new T[2 * S.Ho * P.Wp * S.Co * KT_VBYTES / sizeof(T)];   // a lane chunk's row maxima and argmaxes
+    std::vector<T> buf(S.Ho * S.Wo * S.Co * S.K);
+    std::vector<T> rows(2 * S.Ho * P.Wp * S.Co * KT_VBYTES / sizeof(T));   // a lane chunk's row maxima and argmaxes
     for (long b = 0; b < S.B; ++b) {
-        forward_image<T>(S, padded.image(x, b), wv, buf, nullptr);
-        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf, out, arg, b, rows, shift});
+        forward_image<T>(S, padded.image(x, b), wv, buf.data(), nullptr);
+        each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf.data(), out, arg, b, rows.data(), shift});
     }
-    delete[] rows;
-    delete[] buf;
 }
 
 // The pooled gradient back at full resolution, one image (Ho, Wo, Co, K) in `buf`: each position sums the
@@ -457,7 +455,7 @@ void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T
 // does, and summed per channel into `gshift` (per image first, then into the running sum).
 template <typename T>
 struct PoolRoute {
-    const Shape& S; const Pool& P; const T* g; const T* arg; const T* out; T* gm; T* buf; T* gshift;
+    const Shape& S; const Pool& P; const T* g; const T* arg; const T* out; T* gm; T* buf; T* gshift; T* sums;
     // the windows that hold position i along one axis: [first, last] of n
     void windows(long i, long n, long& first, long& last) const {
         first = std::max(0L, (i + P.p - P.k + P.s) / P.s);   // ceil((i + p - k + 1) / s); i + p >= 0
@@ -465,17 +463,18 @@ struct PoolRoute {
     }
     template <typename W> void run(long, long m) {
         const long K = S.K, L = sizeof(W) / sizeof(T), C = S.Co, n = P.Hp * P.Wp * C;
-        std::vector<W> sums(out ? C : 0, W{});   // per channel, this image's masked gradient
+        if (out)   // per channel, this image's masked gradient
+            for (long o = 0; o < C; ++o) store(sums + o * L, W{});
         for (long q = 0; q < n; ++q) {
             W v = load<W>(g + q * K + m);
             if (out) {
                 v = load<W>(out + q * K + m) <= W{} ? W{} : v;
-                sums[q % C] += v;
+                store(sums + q % C * L, load<W>(sums + q % C * L) + v);
             }
             store(gm + q * L, v);
         }
         if (out)
-            for (long o = 0; o < C; ++o) store(gshift + o * K + m, load<W>(gshift + o * K + m) + sums[o]);
+            for (long o = 0; o < C; ++o) store(gshift + o * K + m, load<W>(gshift + o * K + m) + load<W>(sums + o * L));
         for (long o0 = 0; o0 < C; o0 += KT_OB)
             with_block(C - o0, Gather<W>{*this, m, o0});
     }
@@ -518,12 +517,12 @@ void conv_pool_backward_weight(const Shape& S, const Pool& P, const T* x, const 
     Shape one = S;
     one.B = 1;
     const long per_pool = P.Hp * P.Wp * S.Co * S.K;
-    std::vector<T> buf(S.Ho * S.Wo * S.Co * S.K), gm(per_pool);
+    std::vector<T> buf(S.Ho * S.Wo * S.Co * S.K), gm(per_pool), sums(S.Co * KT_VBYTES / sizeof(T));
     T* gshift = gw + S.k * S.k * S.Ci * S.Co * S.K;
     for (long b = 0; b < S.B; ++b) {
         const T* ob = out ? out + b * per_pool : nullptr;
         each_image_and_lanes<T>(one, PoolRoute<T>{one, P, g + b * per_pool, arg + b * per_pool, ob, gm.data(),
-                                                  buf.data(), gshift});
+                                                  buf.data(), gshift, sums.data()});
         each_image_and_lanes<T>(one, BackwardWeightAll<T>{one, x + S.x_at(b, 0, 0, 0), buf.data(), gw});
     }
 }
