@@ -154,22 +154,28 @@ def test_member_conv_shift_relu_equals_conv_then_shift_then_relu(members, cin, c
 
 
 @pytest.mark.parametrize("members", [1, 3])
-def test_member_linear_equals_stacked_linear_after_a_flatten(members):
-    """The head read in place (1x1 member conv of one position) equals ``StackedLinear`` on the
-    member-major flattened features, in float64: values, weight and input gradients; the input
-    gradient comes back channels-last."""
+@pytest.mark.parametrize("b,threads", [(6, 1), (6, 2), (5, 2)])
+def test_member_linear_equals_stacked_linear_after_a_flatten(members, b, threads):
+    """The head read in place (a 1x1 member conv whose positions are the images, split in one part per
+    thread where the batch divides) equals ``StackedLinear`` on the member-major flattened features, in
+    float64: values, weight and input gradients; the input gradient comes back channels-last."""
     from kt_mlflow.blocks.layers import StackedLinear
 
     torch.manual_seed(0)
-    c, h, w, out, b = 4, 3, 5, 7, 6
+    c, h, w, out = 4, 3, 5, 7
     lin = StackedLinear(c * h * w, out, members).double()
     x = torch.randn(b, members * c, h, w, dtype=torch.float64, requires_grad=True)     # member major
     xi = interleave(x.detach(), members).requires_grad_()
-    want, got = lin(x.reshape(b, -1)), lin.on_interleaved(xi)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want, got = lin(x.reshape(b, -1)), lin.on_interleaved(xi)
+        grad = torch.randn_like(want)
+        gw_want, gx_want = torch.autograd.grad(want, [lin.weight, x], grad)
+        gw_got, gx_got = torch.autograd.grad(got, [lin.weight, xi], grad)
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
-    grad = torch.randn_like(want)
-    gw_want, gx_want = torch.autograd.grad(want, [lin.weight, x], grad)
-    gw_got, gx_got = torch.autograd.grad(got, [lin.weight, xi], grad)
     torch.testing.assert_close(gw_got, gw_want, rtol=0, atol=1e-13)
     torch.testing.assert_close(deinterleave(gx_got, members), gx_want, rtol=0, atol=1e-13)
     assert gx_got.is_contiguous(memory_format=torch.channels_last)

@@ -72,19 +72,21 @@ def test_gather_members_is_the_gather_affine_relu_and_interleave_it_replaces(dty
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_a_batch_of_each_members_own_images_is_gathered_as_the_stacked_input(dtype, channels):
+@pytest.mark.parametrize("members", [5, 16, 21])
+def test_a_batch_of_each_members_own_images_is_gathered_as_the_stacked_input(dtype, channels, members):
     """Rows per entry and member (``rows`` ``(N, K)``): generation's batches, ``images[idx]`` laid out as
-    the interleaved network's input, bit for bit."""
+    the interleaved network's input, bit for bit: fewer members than a vector's lanes, whole vectors of
+    them (transposed in registers), and whole vectors and a remainder; 81 positions, not a multiple."""
     from kt_mlflow.blocks import create_family
     from kt_mlflow.blocks.layers import set_interleaved
 
     g = torch.Generator().manual_seed(1)
     images = torch.randn(40, channels, 9, 9, generator=g, dtype=dtype)
-    idx = torch.randint(0, 40, (6, 5), generator=g)
+    idx = torch.randint(0, 40, (6, members), generator=g)
     got = native_ops.gather_members(images[:, None], idx, torch.zeros(6, dtype=torch.long))
-    want = interleave(images[idx].reshape(6, 5 * channels, 9, 9), 5)
+    want = interleave(images[idx].reshape(6, members * channels, 9, 9), members)
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
-    net = set_interleaved(create_family("paper_mnist").base_network(5), True)
+    net = set_interleaved(create_family("paper_mnist").base_network(members), True)
     assert torch.equal(net.gather_input(images, idx), net.stack_input(images[idx]))
     with pytest.raises(KTError, match=r"rows per entry must be \(6, K\)"):
         native_ops.gather_members(images[:, None], idx[:4], torch.zeros(6, dtype=torch.long))

@@ -10,7 +10,9 @@
 // Built by kt_mlflow/blocks/native.py with the machine's C++ compiler; plain C++ with GCC/Clang vector
 // extensions (no intrinsics), so it compiles for whatever SIMD width the machine has.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 // Register tiles sized for the machine's SIMD registers (-D overrides, for benchmarks).
@@ -76,6 +78,28 @@ inline void in_register(W& v) {
     (void)v;
 #endif
 }
+
+// 64-byte aligned memory for the kernels' scratch buffers: their vectors then never span two cache lines
+// (std::vector's default gives 16 bytes; a split load or store costs two).
+template <typename T>
+struct Aligned {
+    typedef T value_type;
+    Aligned() = default;
+    template <typename U>
+    Aligned(const Aligned<U>&) {}
+    T* allocate(std::size_t n) {
+        if (void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)) return static_cast<T*>(p);
+        throw std::bad_alloc();
+    }
+    void deallocate(T* p, std::size_t) { std::free(p); }
+    template <typename U>
+    bool operator==(const Aligned<U>&) const { return true; }
+    template <typename U>
+    bool operator!=(const Aligned<U>&) const { return false; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, Aligned<T>>;
 
 struct Shape {
     long B, H, W, Ci, Co, K, k, s, Ho, Wo;
@@ -170,7 +194,7 @@ struct Forward {
 template <typename T>
 struct Padded {
     const Shape& S;
-    std::vector<T> buf;
+    Buffer<T> buf;
     explicit Padded(const Shape& shape)
         : S(shape), buf(S.pad() ? (S.H + 2 * S.pad()) * (S.W + 2 * S.pad()) * S.Ci * S.K : 0, T(0)) {}
     const T* image(const T* x, long b) {
@@ -440,8 +464,8 @@ void conv_pool_forward(const Shape& S, const Pool& P, const T* x, const T* wv, T
     Shape one = S;
     one.B = 1;
     Padded<T> padded(S);
-    std::vector<T> buf(S.Ho * S.Wo * S.Co * S.K);
-    std::vector<T> rows(2 * S.Ho * P.Wp * S.Co * KT_VBYTES / sizeof(T));   // a lane chunk's row maxima and argmaxes
+    Buffer<T> buf(S.Ho * S.Wo * S.Co * S.K);
+    Buffer<T> rows(2 * S.Ho * P.Wp * S.Co * KT_VBYTES / sizeof(T));   // a lane chunk's row maxima and argmaxes
     for (long b = 0; b < S.B; ++b) {
         forward_image<T>(S, padded.image(x, b), wv, buf.data(), nullptr);
         each_image_and_lanes<T>(one, PoolAll<T>{one, P, buf.data(), out, arg, b, rows.data(), shift});
@@ -517,7 +541,7 @@ void conv_pool_backward_weight(const Shape& S, const Pool& P, const T* x, const 
     Shape one = S;
     one.B = 1;
     const long per_pool = P.Hp * P.Wp * S.Co * S.K;
-    std::vector<T> buf(S.Ho * S.Wo * S.Co * S.K), gm(per_pool), sums(S.Co * KT_VBYTES / sizeof(T));
+    Buffer<T> buf(S.Ho * S.Wo * S.Co * S.K), gm(per_pool), sums(S.Co * KT_VBYTES / sizeof(T));
     T* gshift = gw + S.k * S.k * S.Ci * S.Co * S.K;
     for (long b = 0; b < S.B; ++b) {
         const T* ob = out ? out + b * per_pool : nullptr;
@@ -543,11 +567,10 @@ void split_batch(long B, long threads, F&& part) {
 // added to it in order after.
 template <typename T, typename F>
 void split_summed(long B, long threads, T* sum, long n, F&& part) {
-    T* extra = threads > 1 ? new T[(threads - 1) * n]() : nullptr;
-    split_batch(B, threads, [&](long b0, long b1, long t) { part(b0, b1, t == 0 ? sum : extra + (t - 1) * n); });
+    Buffer<T> extra((threads - 1) * n);
+    split_batch(B, threads, [&](long b0, long b1, long t) { part(b0, b1, t == 0 ? sum : extra.data() + (t - 1) * n); });
     for (long t = 1; t < threads; ++t)
         for (long i = 0; i < n; ++i) sum[i] += extra[(t - 1) * n + i];
-    delete[] extra;
 }
 
 inline Shape part_of(Shape S, long b0, long b1) { S.B = b1 - b0; return S; }

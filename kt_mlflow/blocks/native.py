@@ -375,16 +375,19 @@ def member_linear(x: torch.Tensor, weight: torch.Tensor, members: int) -> torch.
     each reading its member's features in ``(C, H, W)`` order, as ``nn.Linear`` after a flatten does:
     ``weight`` ``(members*Co, C*H*W)`` member major; output ``(B, members*Co)`` member major.
 
-    It is the 1x1 member conv of a single position with ``H*W*C`` input channels, which reads the
-    features where they lie: no transposed copy of them forward or backward, and the input gradient
-    comes back channels-last, as the layers before want it.
+    It is a 1x1 member conv with ``H*W*C`` input channels whose positions are the images, which reads
+    the features where they lie: no transposed copy of them forward or backward, and the input gradient
+    comes back channels-last, as the layers before want it. Images as positions (not as a batch of
+    one-position images) let a register tile reuse each weight for several images, and the weight
+    gradient sum over images in registers.
     """
     b, ck, h, w = x.shape
     c, co = ck // members, weight.shape[0] // members
-    flat = x.permute(0, 2, 3, 1).reshape(b, h * w * ck, 1, 1)   # a view of channels-last x
+    parts = math.gcd(b, torch.get_num_threads())   # "images" of b / parts positions: one per thread
+    flat = x.permute(0, 2, 3, 1).reshape(parts, 1, b // parts, h * w * ck).permute(0, 3, 1, 2)  # a view of x
     wt = weight.view(members * co, c, h, w).permute(0, 2, 3, 1).reshape(members * co, h * w * c, 1, 1)
-    y = member_conv2d(flat, wt, members)                          # (B, Co*members, 1, 1) interleaved
-    return y.view(b, co, members).transpose(1, 2).reshape(b, members * co)
+    y = member_conv2d(flat, wt, members)                          # (parts, Co*members, 1, b/parts) interleaved
+    return y.permute(0, 2, 3, 1).reshape(b, co, members).transpose(1, 2).reshape(b, members * co)
 
 
 def member_conv2d_max_pool(x: torch.Tensor, weight: torch.Tensor, members: int,

@@ -48,7 +48,9 @@ from .make import train_pairs
 #   output channels sums its last channel's border positions with fused multiply-adds too (the same bits
 #   as revision 5 for every other layer, the bundled families' included).
 # 7 (2026-12-07): the first block's shift gradient (its BN's) summed in the pooled backward kernel, per image.
-ARITHMETIC = 7
+# 8 (2026-12-08): the head's linear layer with the images as its positions: its weight gradient sums the
+#   images in registers (fused multiply-adds), not image by image in memory.
+ARITHMETIC = 8
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
