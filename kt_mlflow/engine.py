@@ -173,9 +173,9 @@ def accuracy_members(net: nn.Module, x: torch.Tensor, y: torch.Tensor, members: 
 def shared_begin_accuracy(nets: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, members: int,
                           chunk: Optional[int] = None) -> List[torch.Tensor]:
     """``accuracy_members`` of stacked networks that share one begin block (the same module): its output
-    is computed once per chunk for all of them. ``chunk``: images at a time (default 32 on a CPU, where
-    a chunk's activations then stay in the core's cache: 1.4x faster than 256 for 16 networks, 1.1x with
-    the grouped convolutions; 1024 elsewhere). With the native kernels each image's outputs are the same bits whatever the chunk.
+    is computed once per chunk for all of them. ``chunk``: images at a time (default 32 on a CPU, where a
+    chunk's activations then stay in the core's cache; 1024 elsewhere). With the native kernels each
+    image's outputs are the same bits whatever the chunk.
 
     Example:
         >>> base_acc, small_acc = shared_begin_accuracy([base, compressed], tx, ty, 16)  # doctest: +SKIP

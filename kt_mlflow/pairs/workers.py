@@ -195,9 +195,9 @@ def _train_shard(seeds: Sequence[int], schedule: Optional[PairSchedule] = None) 
                             bar=_QueueBar(w["progress"], len(seeds)), kernels=w["kernels"]))
 
 
-# A shard's result crosses to the parent as one safetensors blob: pickled as is, its ~450 small tensors
-# would each go through a shared-memory file (about 100 ms a shard for the parent to map, on the cores the
-# workers train on); the blob takes about 8 ms both ways.
+# A shard's result crosses to the parent as one safetensors blob: pickled as is, each of its ~450 small
+# tensors would go through a shared-memory file of its own, which the parent maps on the cores the
+# workers train on.
 _PARTS = ("begin", "large", "last", "small")
 
 
@@ -208,6 +208,7 @@ def pack(out: Mapping[str, object]) -> bytes:
 
 
 def unpack(blob: bytes) -> Dict[str, object]:
+    """``pack``'s bytes back as ``train_pairs``' result: per-network state lists and both accuracies."""
     flat = load(blob)
     out: Dict[str, object] = {"base_acc": flat.pop("base_acc"), "small_acc": flat.pop("small_acc")}
     n = len(out["base_acc"])
