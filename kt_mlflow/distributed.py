@@ -84,8 +84,13 @@ def process_group() -> Iterator[World]:
     dist.init_process_group(_backend(), timeout=TIMEOUT)
     try:
         yield w
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()   # no barrier: the other ranks may never reach it
+        raise
+    # A job that ends well tears its group down on every rank together: a rank that exits while
+    # another is still at work (rank 0 logging to MLflow) once died at exit with SIGABRT under torchrun.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
