@@ -87,8 +87,8 @@ def process_group() -> Iterator[World]:
     except BaseException:
         dist.destroy_process_group()   # no barrier: the other ranks may never reach it
         raise
-    # A job that ends well tears its group down on every rank together: a rank that exits while
-    # another is still at work (rank 0 logging to MLflow) once died at exit with SIGABRT under torchrun.
+    # A job that ends well tears its group down on every rank together, so that no rank exits while
+    # another still works (rank 0 logging to MLflow).
     dist.barrier()
     dist.destroy_process_group()
 

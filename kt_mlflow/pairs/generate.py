@@ -32,6 +32,7 @@ from .store import (
     remove_shard,
     remove_stale_temporaries,
     shard_is_whole,
+    shard_tensors,
     sidecars,
     write_manifest,
     write_shard,
@@ -140,8 +141,7 @@ class GenerationJob:
         with trainer:
             for (split, first, n), out in trainer.run(todo, bar, schedules):
                 records = _records(out, first, todo[split, first, n], protocols.get((split, first, n)))
-                tensors = {f"{part}.{k}": torch.stack([out[part][i][k] for i in range(n)])
-                           for part in ("begin", "large", "last", "small") for k in out[part][0]}
+                tensors = shard_tensors(out)
                 _check_finite(tensors, split, first, n)
                 write_shard(folder, split, first, tensors, records, self.settings, trainer.made_with)
                 made += n

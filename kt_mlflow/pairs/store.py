@@ -32,6 +32,12 @@ SIDECAR_KEYS = {"split": str, "first": int, "count": int, "file": str, "sha256":
 PARTS = ("begin", "large", "last", "small")
 
 
+def shard_tensors(out: Mapping[str, object]) -> Dict[str, torch.Tensor]:
+    """``train_pairs``' per-network states as a shard's tensors: ``"part.name"`` -> ``(P, *shape)``."""
+    return {f"{part}.{name}": torch.stack([state[name] for state in out[part]])
+            for part in PARTS for name in out[part][0]}
+
+
 def shard_name(split: str, first: int, last: int) -> str:
     return f"{split}-{first:08d}-{last:08d}"
 

@@ -37,6 +37,7 @@ from ..device import cpu_share, pick_device
 from ..engine import keep_heap_for_good
 from ..errors import KTError
 from .make import train_pairs
+from .store import PARTS, shard_tensors
 
 # The generator's arithmetic revision: raised whenever a change reorders its floating-point operations
 # (so the same settings give other bits), so that no folder mixes shards of two revisions.
@@ -195,26 +196,22 @@ def _train_shard(seeds: Sequence[int], schedule: Optional[PairSchedule] = None) 
                             bar=_QueueBar(w["progress"], len(seeds)), kernels=w["kernels"]))
 
 
-# A shard's result crosses to the parent as one safetensors blob: pickled as is, each of its ~450 small
-# tensors would go through a shared-memory file of its own, which the parent maps on the cores the
-# workers train on.
-_PARTS = ("begin", "large", "last", "small")
-
-
+# A shard's result crosses to the parent as one safetensors blob of its shard tensors: pickled as is,
+# each of its ~450 small per-network tensors would go through a shared-memory file of its own, which
+# the parent maps on the cores the workers train on.
 def pack(out: Mapping[str, object]) -> bytes:
     """``train_pairs``' result as bytes (``unpack`` inverts it, the same tensors bit for bit)."""
-    flat = {f"{part}/{i}/{name}": t for part in _PARTS for i, state in enumerate(out[part]) for name, t in state.items()}
-    return save({**flat, "base_acc": out["base_acc"], "small_acc": out["small_acc"]})
+    return save({**shard_tensors(out), "base_acc": out["base_acc"], "small_acc": out["small_acc"]})
 
 
 def unpack(blob: bytes) -> Dict[str, object]:
     """``pack``'s bytes back as ``train_pairs``' result: per-network state lists and both accuracies."""
     flat = load(blob)
     out: Dict[str, object] = {"base_acc": flat.pop("base_acc"), "small_acc": flat.pop("small_acc")}
-    n = len(out["base_acc"])
-    for part in _PARTS:
-        out[part] = [{} for _ in range(n)]
-    for key, t in flat.items():
-        part, i, name = key.split("/", 2)
-        out[part][int(i)][name] = t
+    for part in PARTS:
+        out[part] = [{} for _ in range(len(out["base_acc"]))]
+    for key, stacked in flat.items():
+        part, name = key.split(".", 1)
+        for state, t in zip(out[part], stacked.unbind(0)):
+            state[name] = t
     return out
